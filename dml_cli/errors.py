@@ -8,8 +8,8 @@ class DMLError(Exception):
     """
 
 
-class ConfigError(DMLError):
-    """A config value that is invalid or unsupported."""
+class ConfigError(DMLError, ValueError):
+    """A config value or argument that is invalid or unsupported."""
 
 
 class DataError(DMLError):
