@@ -295,8 +295,8 @@ class DMLTrainer:
         """Train until `epochs` epochs are done, validating after each; return the history rows.
 
         Continues from `self.epoch`, so a trainer restored with `load_state_dict` resumes. Each
-        callback may define `on_train_start`, `on_epoch_start`, `on_log`, `on_step`, `on_best`, `on_epoch_end` and
-        `on_train_end`, each called with this trainer first.
+        callback may define `on_train_start`, `on_epoch_start`, `on_log`, `on_step`, `on_best`,
+        `on_epoch_end` and `on_train_end`, each called with this trainer first.
         """
         _call(callbacks, "on_train_start", self)
         while self.epoch < epochs:

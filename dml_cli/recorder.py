@@ -1,0 +1,175 @@
+"""Record a run in its folder: metrics.csv, checkpoints, the training state and console rows."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from dml_cli.checkpoints import (
+    STUDENT_FORMAT,
+    TRAIN_STATE_FORMAT,
+    TRAIN_STATE_NAME,
+    atomic_torch_save,
+    atomic_write_text,
+)
+from dml_cli.engine import DMLTrainer
+
+log = logging.getLogger(__name__)
+
+METRICS_COLUMNS = (
+    "epoch",
+    "student",
+    "arch",
+    "train_loss",
+    "train_ce_loss",
+    "train_kl_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "time_s",
+)
+
+
+def format_metrics_csv(rows: list[dict], archs: dict[str, str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        values = {"arch": archs.get(row["student"], "")}
+        for key in METRICS_COLUMNS:
+            if key in row:
+                value = row[key]
+                values[key] = f"{value:.6g}" if isinstance(value, float) else value
+        writer.writerow(values)
+    return buffer.getvalue()
+
+
+class RunRecorder:
+    """Trainer callback that writes a run's files and prints its console rows.
+
+    Every file is written atomically, so a crash leaves the previous complete version.
+    `student_meta` holds, per student, what a checkpoint needs to rebuild it (name, arch,
+    arch_args, index, init_seed) and `data_meta` the input shape and class count.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path | str,
+        student_meta: list[dict],
+        data_meta: dict,
+        *,
+        checkpoint_every_steps: int | None = None,
+        progress: bool = True,
+    ):
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.student_meta = student_meta
+        self.data_meta = data_meta
+        self.archs = {meta["name"]: meta["arch"] for meta in student_meta}
+        self.checkpoint_every_steps = checkpoint_every_steps
+        self.show_progress = progress
+        self._progress: Progress | None = None
+        self._task = None
+        self._best_messages: list[str] = []
+
+    def checkpoint_path(self, name: str, which: str) -> Path:
+        return self.checkpoint_dir / f"{name}_{which}.pt"
+
+    def on_train_start(self, trainer: DMLTrainer) -> None:
+        names = "  ".join(f"{name + ' loss, val acc':>28}" for name in trainer.names)
+        log.info(f"{'epoch':>5}  {names}  {'ensemble':>8}  {'lr':>8}  {'time_s':>6}")
+
+    def on_log(self, trainer: DMLTrainer, means: dict) -> None:
+        if self._progress is None or self._task is None:
+            return
+        losses = " ".join(f"{name} {values['train_loss']:.3f}" for name, values in means.items())
+        self._progress.update(
+            self._task, completed=trainer.epoch_state.batches_done, losses=losses
+        )
+
+    def on_epoch_start(self, trainer: DMLTrainer, num_batches: int | None) -> None:
+        if not self.show_progress:
+            return
+        self._progress = Progress(
+            TextColumn(f"epoch {trainer.epoch + 1}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[losses]}"),
+            TimeElapsedColumn(),
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=num_batches, losses="")
+
+    def end_epoch(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        self._progress = None
+        self._task = None
+
+    def on_step(self, trainer: DMLTrainer) -> None:
+        if self.checkpoint_every_steps and trainer.step % self.checkpoint_every_steps == 0:
+            self.save_train_state(trainer)
+
+    def on_best(self, trainer: DMLTrainer, index: int, old: float, new: float) -> None:
+        name = trainer.names[index]
+        path = self.save_student(trainer, index, "best")
+        old_text = "none" if old == float("-inf") else f"{old:.4f}"
+        self._best_messages.append(f"best val acc {name}: {old_text} -> {new:.4f}, saved {path}")
+
+    def on_epoch_end(self, trainer: DMLTrainer, rows: list[dict]) -> None:
+        self.end_epoch()
+        cells = []
+        for row in rows[:-1]:
+            cells.append(f"{row['train_loss']:>18.4f} {row['val_acc']:>9.4f}")
+        ensemble = rows[-1]
+        log.info(
+            f"{trainer.epoch:>5}  {'  '.join(cells)}  {ensemble['val_acc']:>8.4f}  "
+            f"{rows[0]['lr']:>8.2g}  {ensemble['time_s']:>6.1f}"
+        )
+        for message in self._best_messages:
+            log.info(message)
+        self._best_messages.clear()
+        atomic_write_text(
+            self.run_dir / "metrics.csv", format_metrics_csv(trainer.history, self.archs)
+        )
+        for index in range(trainer.cohort_size):
+            self.save_student(trainer, index, "last")
+        self.save_train_state(trainer)
+
+    def save_student(self, trainer: DMLTrainer, index: int, which: str) -> Path:
+        """Write a student's weights with what is needed to rebuild it, loadable weights_only."""
+        meta = self.student_meta[index]
+        if which == "best":
+            state_dict = trainer.best_states[index]
+            epoch = trainer.best_epoch[index]
+            val_acc = trainer.best_val_acc[index]
+        else:
+            state_dict = trainer.students[index].state_dict()
+            epoch = trainer.epoch
+            val_acc = _last_val_acc(trainer, meta["name"])
+        payload = {
+            "format": STUDENT_FORMAT,
+            **meta,
+            **self.data_meta,
+            "epoch": epoch,
+            "val_acc": val_acc,
+            "state_dict": state_dict,
+        }
+        return atomic_torch_save(self.checkpoint_path(meta["name"], which), payload)
+
+    def save_train_state(self, trainer: DMLTrainer) -> Path:
+        payload = {"format": TRAIN_STATE_FORMAT, "trainer": trainer.state_dict()}
+        return atomic_torch_save(self.checkpoint_dir / TRAIN_STATE_NAME, payload)
+
+
+def _last_val_acc(trainer: DMLTrainer, name: str) -> float | None:
+    for row in reversed(trainer.history):
+        if row["student"] == name:
+            return row["val_acc"]
+    return None
