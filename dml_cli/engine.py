@@ -256,29 +256,15 @@ class DMLTrainer:
                         "or check the data. The last complete checkpoint is kept."
                     )
 
-    @torch.inference_mode()
     def predict(self, loader: Iterable) -> tuple[Tensor, Tensor]:
-        """Run every student over `loader` in one pass; return logits (K, N, C) and labels (N,).
-
-        Students are put in eval mode for the pass and back in their previous mode after it.
-        """
-        modes = [student.training for student in self.students]
-        for student in self.students:
-            student.eval()
-        all_logits, all_labels = [], []
-        try:
-            for images, labels in loader:
-                images, labels = self._to_device(images, labels)
-                with self.autocast():
-                    logits = torch.stack([student(images) for student in self.students])
-                all_logits.append(logits.float().cpu())
-                all_labels.append(labels.cpu())
-        finally:
-            for student, mode in zip(self.students, modes, strict=True):
-                student.train(mode)
-        if not all_labels:
-            raise DMLError("Cannot evaluate on an empty split: it has no samples.")
-        return torch.cat(all_logits, dim=1), torch.cat(all_labels)
+        """Run every student over `loader` in one pass; return logits (K, N, C) and labels (N,)."""
+        return predict_cohort(
+            self.students,
+            loader,
+            self.device,
+            precision=self.precision,
+            channels_last=self.channels_last,
+        )
 
     def evaluate(self, loader: Iterable) -> dict:
         """Return per-student, ensemble and cohort metrics over one pass of `loader`."""
@@ -411,6 +397,44 @@ class DMLTrainer:
             sums={key: value.to(self.device) for key, value in saved["sums"].items()},
         )
         restore_rng_state(state["rng"])
+
+
+@torch.inference_mode()
+def predict_cohort(
+    students: Sequence[nn.Module],
+    loader: Iterable,
+    device: torch.device | str,
+    *,
+    precision: str = "32",
+    channels_last: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Run every student over `loader` in one pass; return logits (K, N, C) and labels (N,).
+
+    Students are put in eval mode for the pass and back in their previous mode after it. The
+    logits come back as float32 on the CPU, so metrics over them do not depend on batching.
+    """
+    device = torch.device(device)
+    dtype = PRECISIONS[str(precision)]
+    modes = [student.training for student in students]
+    for student in students:
+        student.eval()
+    all_logits, all_labels = [], []
+    try:
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            if channels_last and images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
+            autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+            with autocast:
+                logits = torch.stack([student(images) for student in students])
+            all_logits.append(logits.float().cpu())
+            all_labels.append(labels.cpu())
+    finally:
+        for student, mode in zip(students, modes, strict=True):
+            student.train(mode)
+    if not all_labels:
+        raise DMLError("Cannot evaluate on an empty split: it has no samples.")
+    return torch.cat(all_logits, dim=1), torch.cat(all_labels)
 
 
 def check_cohort_arguments(students, optimizers, schedulers, names) -> None:

@@ -17,6 +17,7 @@ from dml_cli.checkpoints import (
     atomic_write_text,
 )
 from dml_cli.engine import DMLTrainer
+from dml_cli.plots import plot_training_curves
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,11 @@ class RunRecorder:
         for index in range(trainer.cohort_size):
             self.save_student(trainer, index, "last")
         self.save_train_state(trainer)
+
+    def on_train_end(self, trainer: DMLTrainer) -> None:
+        if trainer.history:
+            path = plot_training_curves(trainer.history, self.run_dir / "plots" / "curves.png")
+            log.info(f"Wrote {path}")
 
     def save_student(self, trainer: DMLTrainer, index: int, which: str) -> Path:
         """Write a student's weights with what is needed to rebuild it, loadable weights_only."""
