@@ -44,6 +44,10 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
             f"Failed to write {path}: {cause}. Free disk space or fix the folder's permissions; "
             "the previous version of the file, if any, is intact."
         ) from err
+    except BaseException:
+        # A second Ctrl-C raises inside the write: leave no partial temporary file behind.
+        temporary.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -1,15 +1,29 @@
-"""Where the configs live, and validation of a composed config before anything runs."""
+"""Config folder, the resolvers the configs use, and validation before anything runs."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dml_cli.build import DEVICE_TYPES, check_targets, student_specs
-from dml_cli.data import check_dataset_config
+from dml_cli.data import _val_count, check_dataset_config
 from dml_cli.engine import PRECISIONS, check_loss_arguments
 from dml_cli.errors import ConfigError
+
+HYDRA_OUTPUT_SUBDIR = ".hydra"
+
+# Train split sizes before the val split is carved off, for the datasets whose size is fixed:
+# the official torchvision train splits, and the 1,437 digits left after the stratified test
+# fifth (360 of 1,797 images) is held out. synthetic's size is its dataset.num_train.
+TRAIN_SPLIT_SIZES = {
+    "mnist": 60_000,
+    "fashion_mnist": 60_000,
+    "cifar10": 50_000,
+    "cifar100": 50_000,
+    "digits": 1_437,
+}
 
 
 def config_dir() -> str:
@@ -22,6 +36,44 @@ def config_dir() -> str:
     if packaged.is_dir():
         return str(packaged)
     return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+# Folders named by resume= that did not exist when Hydra resolved its run dir, so that a
+# mistyped path can be removed again after Hydra created it for the job log.
+NEW_RESUME_DIRS: set[str] = set()
+
+
+def resume_run_dir(resume: object, default: object) -> object:
+    """Return the absolute folder of `resume`, or `default` when no run is resumed.
+
+    `hydra.run.dir` and `hydra.sweep.subdir` use it, so a resumed run continues in its own
+    folder. Hydra resolves them before it changes the working folder, so a relative path is
+    taken from the folder dml-train started in.
+    """
+    if resume is None or str(resume) == "":
+        return default
+    path = os.path.abspath(os.path.expanduser(str(resume)))
+    if not os.path.exists(path):
+        NEW_RESUME_DIRS.add(path)
+    return path
+
+
+def hydra_output_subdir(resume: object) -> str | None:
+    """Return `hydra.output_subdir`: None for a resumed run, so its first `.hydra/` is kept."""
+    if resume is None or str(resume) == "":
+        return HYDRA_OUTPUT_SUBDIR
+    return None
+
+
+def register_resolvers() -> None:
+    """Register the `dml_run_dir` and `dml_output_subdir` resolvers that conf/train.yaml uses."""
+    if not OmegaConf.has_resolver("dml_run_dir"):
+        OmegaConf.register_new_resolver("dml_run_dir", resume_run_dir)
+    if not OmegaConf.has_resolver("dml_output_subdir"):
+        OmegaConf.register_new_resolver("dml_output_subdir", hydra_output_subdir)
+
+
+register_resolvers()
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -57,8 +109,21 @@ def validate_config(cfg: DictConfig) -> None:
         )
 
     check_dataset_config(cfg.dataset)
+    check_val_size(cfg.dataset)
     check_targets(cfg.optimizer, "optimizer")
     check_targets(cfg.scheduler, "scheduler")
+
+
+def check_val_size(dataset_cfg: DictConfig) -> None:
+    """Raise ConfigError when `dataset.val_size` leaves no train images, before any data loads.
+
+    Only datasets of a known size are checked here; load_dataset checks the others.
+    """
+    num_train = TRAIN_SPLIT_SIZES.get(dataset_cfg.name)
+    if dataset_cfg.name == "synthetic":
+        num_train = dataset_cfg.num_train
+    if num_train is not None:
+        _val_count(dataset_cfg.val_size, num_train, dataset_cfg.name)
 
 
 def _int(cfg: DictConfig, key: str, value: object, minimum: int | None) -> int:

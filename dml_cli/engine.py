@@ -208,7 +208,8 @@ class DMLTrainer:
             state.sums["correct"] += correct
             state.num_samples += batch_size
             state.batches_done = batch_index + 1
-            bad = ~torch.isfinite(terms[[1, 0]])
+            # A slice, not terms[[1, 0]]: a list index is copied to the device, which blocks.
+            bad = ~torch.isfinite(terms[:2].flip(0))
             first_bad_step = torch.where(bad & (first_bad_step < 0), self.step, first_bad_step)
 
             at_log_step = self.step % self.log_every_steps == 0
@@ -248,13 +249,17 @@ class DMLTrainer:
 
     def _raise_if_not_finite(self, first_bad_step: Tensor) -> None:
         for bad_steps in first_bad_step.tolist():
-            for name, bad_step in zip(self.names, bad_steps, strict=True):
-                if bad_step >= 0:
-                    raise NonFiniteLossError(
-                        f"Non-finite loss for {name} at epoch={self.epoch + 1} "
-                        f"step={int(bad_step)}: lower optimizer.lr, set trainer.precision=32, "
-                        "or check the data. The last complete checkpoint is kept."
-                    )
+            # One step after a student's loss turns NaN its peers' weights are NaN too, so the
+            # student with the earliest bad step is the cause.
+            found = [(step, k) for k, step in enumerate(bad_steps) if step >= 0]
+            if found:
+                bad_step, index = min(found)
+                name = self.names[index]
+                raise NonFiniteLossError(
+                    f"Non-finite loss for {name} at epoch={self.epoch + 1} "
+                    f"step={int(bad_step)}: lower optimizer.lr, set trainer.precision=32, "
+                    "or check the data. The last complete checkpoint is kept."
+                )
 
     def predict(self, loader: Iterable) -> tuple[Tensor, Tensor]:
         """Run every student over `loader` in one pass; return logits (K, N, C) and labels (N,)."""
@@ -427,14 +432,15 @@ def predict_cohort(
             autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
             with autocast:
                 logits = torch.stack([student(images) for student in students])
-            all_logits.append(logits.float().cpu())
-            all_labels.append(labels.cpu())
+            # Kept on the device until the pass ends, so the batches run without a host sync.
+            all_logits.append(logits.float())
+            all_labels.append(labels)
     finally:
         for student, mode in zip(students, modes, strict=True):
             student.train(mode)
     if not all_labels:
         raise DMLError("Cannot evaluate on an empty split: it has no samples.")
-    return torch.cat(all_logits, dim=1), torch.cat(all_labels)
+    return torch.cat(all_logits, dim=1).cpu(), torch.cat(all_labels).cpu()
 
 
 def check_cohort_arguments(students, optimizers, schedulers, names) -> None:

@@ -7,6 +7,7 @@ import io
 import logging
 from pathlib import Path
 
+import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dml_cli.checkpoints import (
@@ -16,7 +17,8 @@ from dml_cli.checkpoints import (
     atomic_torch_save,
     atomic_write_text,
 )
-from dml_cli.engine import DMLTrainer
+from dml_cli.engine import DMLTrainer, NonFiniteLossError, TrainingInterrupted
+from dml_cli.errors import DMLError
 from dml_cli.plots import plot_training_curves
 
 log = logging.getLogger(__name__)
@@ -53,9 +55,12 @@ def format_metrics_csv(rows: list[dict], archs: dict[str, str]) -> str:
 class RunRecorder:
     """Trainer callback that writes a run's files and prints its console rows.
 
-    Every file is written atomically, so a crash leaves the previous complete version.
+    Every file is written atomically, so a crash leaves the previous complete version, and no
+    training state or last checkpoint is written from non-finite losses or weights.
     `student_meta` holds, per student, what a checkpoint needs to rebuild it (name, arch,
-    arch_args, index, init_seed) and `data_meta` the input shape and class count.
+    arch_args, index, init_seed) and `data_meta` the input shape and class count. `epochs`, the
+    run's target epoch count, is stored in the training state so that a resume can continue
+    to it.
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class RunRecorder:
         *,
         checkpoint_every_steps: int | None = None,
         progress: bool = True,
+        epochs: int | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -74,6 +80,7 @@ class RunRecorder:
         self.archs = {meta["name"]: meta["arch"] for meta in student_meta}
         self.checkpoint_every_steps = checkpoint_every_steps
         self.show_progress = progress
+        self.epochs = epochs
         self._progress: Progress | None = None
         self._task = None
         self._best_messages: list[str] = []
@@ -115,7 +122,9 @@ class RunRecorder:
 
     def on_step(self, trainer: DMLTrainer) -> None:
         if self.checkpoint_every_steps and trainer.step % self.checkpoint_every_steps == 0:
-            self.save_train_state(trainer)
+            # A non-finite running loss is left for the engine to report with its first step.
+            if _losses_finite(trainer):
+                self.save_train_state(trainer)
 
     def on_best(self, trainer: DMLTrainer, index: int, old: float, new: float) -> None:
         name = trainer.names[index]
@@ -125,6 +134,7 @@ class RunRecorder:
 
     def on_epoch_end(self, trainer: DMLTrainer, rows: list[dict]) -> None:
         self.end_epoch()
+        _check_weights_finite(trainer)
         cells = []
         for row in rows[:-1]:
             cells.append(f"{row['train_loss']:>18.4f} {row['val_acc']:>9.4f}")
@@ -142,11 +152,28 @@ class RunRecorder:
         for index in range(trainer.cohort_size):
             self.save_student(trainer, index, "last")
         self.save_train_state(trainer)
+        # A signal that arrived during validation or these writes stops the run here, at an
+        # epoch boundary, instead of after the next step.
+        if trainer.stop_signal is not None:
+            raise TrainingInterrupted(trainer.stop_signal)
 
     def on_train_end(self, trainer: DMLTrainer) -> None:
-        if trainer.history:
-            path = plot_training_curves(trainer.history, self.run_dir / "plots" / "curves.png")
-            log.info(f"Wrote {path}")
+        if not trainer.history:
+            return
+        path = self.run_dir / "plots" / "curves.png"
+        try:
+            plot_training_curves(trainer.history, path)
+        except OSError as err:
+            raise DMLError(
+                f"Failed to write {path}: {err.strerror or err}. Free disk space or fix the "
+                "folder's permissions; metrics.csv and the checkpoints are complete."
+            ) from err
+        log.info(f"Wrote {path}")
+
+    def save_interrupted(self, trainer: DMLTrainer) -> Path | None:
+        """Stop the progress bar and save the training state of a run stopped by a signal."""
+        self.end_epoch()
+        return self.save_train_state(trainer)
 
     def save_student(self, trainer: DMLTrainer, index: int, which: str) -> Path:
         """Write a student's weights with what is needed to rebuild it, loadable weights_only."""
@@ -170,8 +197,38 @@ class RunRecorder:
         return atomic_torch_save(self.checkpoint_path(meta["name"], which), payload)
 
     def save_train_state(self, trainer: DMLTrainer) -> Path:
-        payload = {"format": TRAIN_STATE_FORMAT, "trainer": trainer.state_dict()}
+        """Write everything a resume needs, loadable with weights_only, over the previous state.
+
+        Raises NonFiniteLossError, and leaves the previous state, when a weight is not finite.
+        """
+        _check_weights_finite(trainer)
+        payload = {
+            "format": TRAIN_STATE_FORMAT,
+            "trainer": trainer.state_dict(),
+            "epochs": self.epochs,
+            "best_checkpoints": [
+                str(self.checkpoint_path(name, "best").relative_to(self.run_dir))
+                for name in trainer.names
+            ],
+        }
         return atomic_torch_save(self.checkpoint_dir / TRAIN_STATE_NAME, payload)
+
+
+def _losses_finite(trainer: DMLTrainer) -> bool:
+    # The running sums of the epoch turn NaN or infinite with the first non-finite loss.
+    return all(bool(torch.isfinite(value).all()) for value in trainer.epoch_state.sums.values())
+
+
+def _check_weights_finite(trainer: DMLTrainer) -> None:
+    epoch = trainer.epoch + (1 if trainer.epoch_state.batches_done else 0)
+    for name, student in zip(trainer.names, trainer.students, strict=True):
+        for tensor in student.state_dict().values():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteLossError(
+                    f"Non-finite weights in {name} at epoch={epoch} step={trainer.step}: lower "
+                    "optimizer.lr, set trainer.precision=32, or check the data. The last "
+                    "complete checkpoint is kept."
+                )
 
 
 def _last_val_acc(trainer: DMLTrainer, name: str) -> float | None:
