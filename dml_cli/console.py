@@ -57,3 +57,19 @@ def print_training_summary(summary: dict) -> None:
         "ensemble", "", "", "", f"{ensemble['val_acc']:.4f}", f"{ensemble['test_acc']:.4f}"
     )
     _console.print(table)
+
+
+def print_cohort_metrics(metrics: dict, archs: dict[str, str], title: str) -> None:
+    """Print accuracy, top-5 accuracy, NLL and ECE per student and for the ensemble.
+
+    `metrics` is a `dml_cli.metrics.cohort_metrics` result and `archs` maps names to archs.
+    """
+    table = Table(title=title)
+    for column in ("student", "arch", "acc", "top5", "nll", "ece"):
+        table.add_column(column, justify="left" if column in ("student", "arch") else "right")
+    rows = [(name, archs.get(name, ""), values) for name, values in metrics["students"].items()]
+    rows.append(("ensemble", "", metrics["ensemble"]))
+    for name, arch, values in rows:
+        cells = [f"{values[key]:.4f}" for key in ("acc", "top5", "nll", "ece")]
+        table.add_row(name, arch, *cells)
+    _console.print(table)

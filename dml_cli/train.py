@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,14 +27,17 @@ from dml_cli.build import (
     student_specs,
 )
 from dml_cli.checkpoints import atomic_write_json
-from dml_cli.config import config_dir, validate_config
+from dml_cli.config import NEW_RESUME_DIRS, config_dir, validate_config
 from dml_cli.console import print_error, print_training_summary
 from dml_cli.data import DataSplits, TensorBatches, load_dataset
-from dml_cli.engine import DMLTrainer
-from dml_cli.errors import DMLError
+from dml_cli.engine import DMLTrainer, TrainingInterrupted
+from dml_cli.errors import CheckpointError, DMLError
+from dml_cli.loggers import build_loggers
 from dml_cli.metrics import cohort_metrics
 from dml_cli.models import count_parameters, is_convolutional
 from dml_cli.recorder import RunRecorder
+from dml_cli.resume import prepare_resume, resume_command, train_state_path
+from dml_cli.signals import TrainingAborted, exit_code, signal_name, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +151,12 @@ def summarise(trainer: DMLTrainer, specs, loader_val, loader_test, cfg, wall_tim
     }
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run one training job in `run_dir` and return its summary."""
+def train(cfg: DictConfig, run_dir: Path, *, resume_state: dict | None = None) -> dict:
+    """Run one training job in `run_dir` and return its summary.
+
+    With `resume_state` (a loaded `checkpoints/train_state.pt`) the job continues that state.
+    On SIGINT or SIGTERM it saves the training state and raises TrainingInterrupted.
+    """
     started = time.perf_counter()
     validate_config(cfg)
     device = resolve_device(cfg.device.type)
@@ -155,7 +164,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     log.info(f"Run dir {run_dir}, device {device}, seed {cfg.seed}")
 
     data = load_dataset(cfg.dataset)
+    warn_partial_batch(cfg, data)
     trainer, specs = build_trainer(cfg, data, device)
+    if resume_state is not None:
+        restore_trainer(trainer, resume_state, run_dir, cfg.trainer.epochs)
     for spec, student in zip(specs, trainer.students, strict=True):
         log.info(
             f"{spec.name}: {spec.arch}, {count_parameters(student):,} trainable params, "
@@ -184,8 +196,19 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         data_meta,
         checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
         progress=sys.stderr.isatty(),
+        epochs=cfg.trainer.epochs,
     )
-    trainer.fit(loader_train, loader_val, cfg.trainer.epochs, callbacks=[recorder])
+    with stop_on_signals(trainer):
+        try:
+            callbacks = [recorder, *build_loggers(cfg, run_dir)]
+            trainer.fit(loader_train, loader_val, cfg.trainer.epochs, callbacks=callbacks)
+        except TrainingInterrupted:
+            path = recorder.save_interrupted(trainer)
+            log.warning(
+                f"Saved the training state {describe_position(trainer)} to {path}. "
+                f"Resume with: {resume_command(run_dir)}"
+            )
+            raise
     for index, state in enumerate(trainer.best_states):
         if state is None:
             # With trainer.epochs=0 no epoch set a best, so the initial weights stand for it.
@@ -208,26 +231,98 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
+def warn_partial_batch(cfg: DictConfig, data: DataSplits) -> None:
+    """Log a warning when the whole train split is smaller than one batch."""
+    num_train = len(data.train_labels)
+    if cfg.trainer.batch_size > num_train:
+        log.warning(
+            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the {num_train}-image "
+            f"train split: each epoch trains on one partial batch of {num_train} images."
+        )
+
+
+def restore_trainer(trainer: DMLTrainer, state: dict, run_dir: Path, epochs: int) -> None:
+    """Load a saved training state into `trainer`; raise CheckpointError if it does not fit."""
+    try:
+        trainer.load_state_dict(state["trainer"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"Checkpoint {train_state_path(run_dir)} does not fit the run's config ({text}): "
+            "it was not written by this run."
+        ) from err
+    log.info(
+        f"Resuming {run_dir} {describe_position(trainer)}, training to trainer.epochs={epochs}"
+    )
+
+
+def describe_position(trainer: DMLTrainer) -> str:
+    """Describe the training position, as in "after step=50 (epoch 2, batch 8)"."""
+    batches_done = trainer.epoch_state.batches_done
+    if batches_done:
+        return f"after step={trainer.step} (epoch {trainer.epoch + 1}, batch {batches_done})"
+    return f"after step={trainer.step} (end of epoch {trainer.epoch})"
+
+
 def run_job(cfg: DictConfig) -> float | None:
     """Run one Hydra job; return the cohort's mean val accuracy for sweepers to optimise.
 
     A user error ends a single run with one line and exit code 2. In a multirun the job is
-    recorded as failed in its folder and the sweep goes on.
+    recorded as failed in its folder and the sweep goes on. SIGINT and SIGTERM end the program
+    with exit code 130 or 143 after the training state is saved, in a multirun too.
     """
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        summary = train(cfg, run_dir)
+        resume_state = None
+        if cfg.resume is not None:
+            overrides = list(hydra_cfg.overrides.task)
+            run_dir, cfg, resume_state = prepare_resume(cfg.resume, cfg, overrides)
+            log.info(f"Resuming with overrides: {' '.join(overrides)}")
+        summary = train(cfg, run_dir, resume_state=resume_state)
+    except TrainingInterrupted as stop:
+        sys.exit(exit_code(stop.signal_number))
+    except (TrainingAborted, KeyboardInterrupt) as abort:
+        number = getattr(abort, "signal_number", signal.SIGINT)
+        print_error("dml-train", _stopped_message(number, run_dir))
+        sys.exit(exit_code(number))
     except DMLError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print_error("dml-train", str(err))
         if hydra_cfg.mode != RunMode.MULTIRUN:
+            if cfg.resume is not None:
+                _remove_new_resume_dir(run_dir)
             sys.exit(2)
         _failed_jobs.append(str(run_dir))
         atomic_write_json(run_dir / FAILED_NAME, {"status": "failed", "error": str(err)})
         return float("nan")
     return summary["student_mean"]["val_acc"]
+
+
+def _remove_new_resume_dir(run_dir: Path) -> None:
+    # Hydra creates the folder of resume=PATH for its job log even when PATH contains no run.
+    # A folder that did not exist before this invocation contains nothing but that log.
+    if str(run_dir) not in NEW_RESUME_DIRS:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(
+            run_dir
+        ):
+            root.removeHandler(handler)
+            handler.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _stopped_message(signal_number: int, run_dir: Path) -> str:
+    text = f"Stopped at once by {signal_name(signal_number)}"
+    if train_state_path(run_dir).is_file():
+        return (
+            f"{text}; the last complete training state is kept. "
+            f"Resume with: {resume_command(run_dir)}"
+        )
+    return f"{text} before any training state was saved in {run_dir}."
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
