@@ -463,13 +463,18 @@ def print_report(report: SweepReport) -> None:
 class ReportCallback(Callback):
     """Hydra callback that writes and prints the sweep report when a multirun ends.
 
-    A report that cannot be built logs one warning, so it never fails the sweep.
+    A report that cannot be built logs one warning, so it never fails the sweep. The jobs that
+    did not finish are kept in `unfinished_jobs`, so `dml-train` can exit non-zero for them
+    even when a launcher ran the jobs in other processes.
     """
+
+    unfinished_jobs: list[str] = []
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             report = write_report(sweep_dir)
+            ReportCallback.unfinished_jobs = [job.job for job in report.failed_jobs]
             print_report(report)
         except Exception as err:  # Any failure: the jobs' results matter more than the report.
             message = str(err).splitlines()[0] if str(err) else type(err).__name__

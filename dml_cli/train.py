@@ -36,6 +36,7 @@ from dml_cli.loggers import build_loggers
 from dml_cli.metrics import cohort_metrics
 from dml_cli.models import count_parameters, is_convolutional
 from dml_cli.recorder import RunRecorder
+from dml_cli.report import ReportCallback
 from dml_cli.resume import prepare_resume, resume_command, train_state_path
 from dml_cli.signals import TrainingAborted, exit_code, signal_name, stop_on_signals
 
@@ -333,7 +334,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Console entry point of `dml-train`."""
     _hydra_main()
-    if _failed_jobs:
+    # Jobs run by the default launcher record failures here; jobs in other processes (joblib,
+    # Slurm) are found by the sweep report.
+    if _failed_jobs or ReportCallback.unfinished_jobs:
         sys.exit(1)
 
 

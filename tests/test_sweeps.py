@@ -188,6 +188,18 @@ def test_joblib_launcher_runs_two_jobs(tmp_path):
     assert [(row["seeds"], row["seed_values"]) for row in rows] == [("2", "0 1")]
 
 
+def test_joblib_failed_job_exits_nonzero(tmp_path):
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "dataset=synthetic"]
+    args += ["trainer.epochs=1", "cohort=homogeneous", "cohort.size=0,1"]
+
+    result = run_script(DML_TRAIN, args, tmp_path)
+
+    assert result.returncode == 1
+    sweep_dir = only_sweep_dir(tmp_path)
+    assert (sweep_dir / "0" / "failed.json").is_file()
+    assert (sweep_dir / "1" / "summary.json").is_file()
+
+
 def test_optuna_search_runs_trials(tmp_path):
     args = ["-m", "+search=digits_optuna", "trainer.epochs=1", "hydra.sweeper.n_trials=3"]
     result = run_script(DML_TRAIN, args, tmp_path)
