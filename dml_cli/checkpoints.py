@@ -6,7 +6,6 @@ import io
 import json
 import os
 import pickle
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -92,15 +91,16 @@ def load_checkpoint(path: Path | str, expected_format: str | None = None) -> dic
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch's weights-only unpickler names a blocked class as a "GLOBAL"; other
+        # unpickling errors come from bytes that are no pickle at all.
+        if "GLOBAL" not in str(err):
+            raise _corrupt(path, "its bytes are not a valid PyTorch file") from err
         raise CheckpointError(
             f"Rejected checkpoint {path}: it stores Python objects other than tensors and plain "
             "values, and loading it could run code. Only load checkpoints written by dml-train."
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise CheckpointError(
-            f"Checkpoint {path} is truncated or corrupt ({_first_line(err)}). Use another "
-            "checkpoint (checkpoint=last or checkpoint=best) or retrain."
-        ) from err
+    except Exception as err:  # Garbage bytes surface as KeyError, EOFError, RuntimeError, ...
+        raise _corrupt(path, f"{type(err).__name__}: {_first_line(err)}") from err
     if not isinstance(payload, dict) or (
         expected_format is not None and payload.get("format") != expected_format
     ):
@@ -112,6 +112,14 @@ def load_checkpoint(path: Path | str, expected_format: str | None = None) -> dic
     return payload
 
 
-def _first_line(err: BaseException) -> str:
+def _corrupt(path: Path, detail: str) -> CheckpointError:
+    return CheckpointError(
+        f"Checkpoint {path} is truncated or corrupt ({detail}). Restore an intact copy of the "
+        "file or train again."
+    )
+
+
+def _first_line(err: BaseException, max_length: int = 120) -> str:
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    line = text.splitlines()[0] if text else "no message"
+    return line if len(line) <= max_length else line[: max_length - 3] + "..."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -76,11 +77,88 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+# The keys each section of a training config may have; a misspelt key added with `+` would
+# otherwise be ignored without a word. `dataset` keys are checked by check_dataset_config.
+KNOWN_KEYS = {
+    "": (
+        "trainer",
+        "dataset",
+        "cohort",
+        "optimizer",
+        "scheduler",
+        "loss",
+        "device",
+        "logger",
+        "seed",
+        "resume",
+        "hydra",
+    ),
+    "trainer": (
+        "epochs",
+        "batch_size",
+        "eval_batch_size",
+        "precision",
+        "compile",
+        "channels_last",
+        "deterministic",
+        "checkpoint_every_steps",
+        "log_every_steps",
+        "num_workers",
+    ),
+    "loss": ("name", "temperature", "mimicry_weight", "update", "mimicry"),
+    "cohort": ("name", "students", "arch", "size", "arch_args"),
+    "device": ("type",),
+    "logger": ("tensorboard", "flush_secs"),
+}
+STUDENT_KEYS = ("name", "arch", "arch_args", "optimizer")
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Raise ConfigError for a key that no part of dml-train reads, naming the valid keys."""
+    for section, known in KNOWN_KEYS.items():
+        node = cfg if not section else cfg.get(section)
+        if not isinstance(node, DictConfig):
+            continue
+        for key in node.keys():
+            if key not in known:
+                path = f"{section}.{key}" if section else str(key)
+                raise ConfigError(
+                    f"Unknown key {path}: check its spelling. Valid keys"
+                    f"{' of ' + section if section else ''}: {', '.join(known)}."
+                )
+    students = cfg.cohort.get("students") or []
+    for index, student in enumerate(students):
+        if isinstance(student, DictConfig):
+            for key in student.keys():
+                if key not in STUDENT_KEYS:
+                    raise ConfigError(
+                        f"Unknown key cohort.students[{index}].{key}: a student has "
+                        f"{', '.join(STUDENT_KEYS)}."
+                    )
+
+
+def check_learning_rates(cfg: DictConfig) -> None:
+    """Raise ConfigError unless every learning rate, shared or per student, is positive."""
+    rates = [("optimizer.lr", cfg.optimizer.get("lr"))]
+    for index, student in enumerate(cfg.cohort.get("students") or []):
+        student_optimizer = student.get("optimizer") if isinstance(student, DictConfig) else None
+        if student_optimizer is not None and "lr" in student_optimizer:
+            rates.append((f"cohort.students[{index}].optimizer.lr", student_optimizer.lr))
+    for key, lr in rates:
+        if lr is None:
+            continue
+        value = _number(lr, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"Invalid {key}={lr}: it must be a finite number > 0.")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the key, the value and the valid range of the first bad value.
 
     Runs before any data is loaded or any file is written.
     """
+    check_known_keys(cfg)
+    check_learning_rates(cfg)
     student_specs(cfg.cohort, _int(cfg, "seed", cfg.seed, minimum=None))
     loss = cfg.loss
     check_loss_arguments(

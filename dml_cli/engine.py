@@ -258,7 +258,7 @@ class DMLTrainer:
                 raise NonFiniteLossError(
                     f"Non-finite loss for {name} at epoch={self.epoch + 1} "
                     f"step={int(bad_step)}: lower optimizer.lr, set trainer.precision=32, "
-                    "or check the data. The last complete checkpoint is kept."
+                    "or check the data. Checkpoints of earlier epochs, if any, are kept."
                 )
 
     def predict(self, loader: Iterable) -> tuple[Tensor, Tensor]:
@@ -469,10 +469,12 @@ def check_cohort_arguments(students, optimizers, schedulers, names) -> None:
 
 def check_loss_arguments(temperature, mimicry_weight, update, mimicry) -> None:
     """Raise ConfigError for loss settings outside their valid range."""
-    if not temperature > 0:
-        raise ConfigError(f"Invalid loss.temperature={temperature}: it must be > 0.")
-    if not mimicry_weight >= 0:
-        raise ConfigError(f"Invalid loss.mimicry_weight={mimicry_weight}: it must be >= 0.")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"Invalid loss.temperature={temperature}: it must be finite and > 0.")
+    if not (math.isfinite(mimicry_weight) and mimicry_weight >= 0):
+        raise ConfigError(
+            f"Invalid loss.mimicry_weight={mimicry_weight}: it must be finite and >= 0."
+        )
     if update not in UPDATE_MODES:
         raise ConfigError(f"Invalid loss.update={update!r}: choose one of {list(UPDATE_MODES)}.")
     if mimicry not in MIMICRY_MODES:

@@ -64,7 +64,7 @@ class TensorBoardLogger:
         except ImportError as err:
             raise ConfigError(
                 "logger=tensorboard needs the tensorboard package, which is not installed: "
-                'pip install "dml_cli[tensorboard]", or use logger=csv.'
+                'pip install -e ".[tensorboard]" in the dml_cli checkout, or use logger=csv.'
             ) from err
         self._writer_class = SummaryWriter
         self.log_dir = Path(log_dir)

@@ -146,16 +146,20 @@ class RunRecorder:
         for message in self._best_messages:
             log.info(message)
         self._best_messages.clear()
+        self.save_files(trainer)
+        # A signal that arrived during validation or these writes stops the run here, at an
+        # epoch boundary, instead of after the next step.
+        if trainer.stop_signal is not None:
+            raise TrainingInterrupted(trainer.stop_signal)
+
+    def save_files(self, trainer: DMLTrainer) -> None:
+        """Write metrics.csv, each student's last checkpoint and the training state."""
         atomic_write_text(
             self.run_dir / "metrics.csv", format_metrics_csv(trainer.history, self.archs)
         )
         for index in range(trainer.cohort_size):
             self.save_student(trainer, index, "last")
         self.save_train_state(trainer)
-        # A signal that arrived during validation or these writes stops the run here, at an
-        # epoch boundary, instead of after the next step.
-        if trainer.stop_signal is not None:
-            raise TrainingInterrupted(trainer.stop_signal)
 
     def on_train_end(self, trainer: DMLTrainer) -> None:
         if not trainer.history:

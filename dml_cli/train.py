@@ -35,6 +35,7 @@ from dml_cli.errors import CheckpointError, DMLError
 from dml_cli.loggers import build_loggers
 from dml_cli.metrics import cohort_metrics
 from dml_cli.models import count_parameters, is_convolutional
+from dml_cli.preflight import check_command_line
 from dml_cli.recorder import RunRecorder
 from dml_cli.report import ReportCallback
 from dml_cli.resume import prepare_resume, resume_command, train_state_path
@@ -210,11 +211,13 @@ def train(cfg: DictConfig, run_dir: Path, *, resume_state: dict | None = None) -
                 f"Resume with: {resume_command(run_dir)}"
             )
             raise
-    for index, state in enumerate(trainer.best_states):
-        if state is None:
-            # With trainer.epochs=0 no epoch set a best, so the initial weights stand for it.
+    if trainer.epoch == 0:
+        # With trainer.epochs=0 no epoch ran, so the initial weights stand for the best and last
+        # checkpoints, and metrics.csv has its header only.
+        for index in range(trainer.cohort_size):
             trainer.best_states[index] = trainer.students[index].state_dict()
             recorder.save_student(trainer, index, "best")
+        recorder.save_files(trainer)
 
     summary = summarise(
         trainer, specs, loader_val, loader_test, cfg, time.perf_counter() - started
@@ -333,6 +336,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console entry point of `dml-train`."""
+    try:
+        check_command_line(sys.argv[1:])
+    except DMLError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print_error("dml-train", str(err))
+        sys.exit(2)
     _hydra_main()
     # Jobs run by the default launcher record failures here; jobs in other processes (joblib,
     # Slurm) are found by the sweep report.

@@ -174,6 +174,12 @@ def test_help_and_cfg_job(tmp_path):
         (["loss.update=parallel"], "loss.update"),
         (["trainer.batch_size=0"], "trainer.batch_size=0"),
         (["dataset=mnist", "dataset.download=false"], "dataset=digits"),
+        (["cohort=three_lenet"], "Available options in 'cohort': four_lenets"),
+        (["trainer.epoch=3"], "trainer.epoch"),
+        (["+trainer.epoch=3"], "Unknown key trainer.epoch"),
+        (["optimizer.lr=-1"], "optimizer.lr=-1"),
+        (["loss.temperature=inf"], "loss.temperature=inf"),
+        (["resume=no-such-run"], "no such run folder"),
     ],
 )
 def test_user_errors_give_one_line(tmp_path, args, expected):
@@ -185,6 +191,25 @@ def test_user_errors_give_one_line(tmp_path, args, expected):
     assert lines[0].startswith("dml-train: error: ")
     assert expected in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_config_errors_write_no_run_folder(tmp_path):
+    for args in (["cohort=three_lenet"], ["loss.temperature=0"], ["+trainer.epoch=3"]):
+        result = run_cli(["dataset=digits", *args], tmp_path)
+
+        assert result.returncode == 2
+        assert not (tmp_path / "outputs").exists(), args
+
+
+def test_resume_of_plain_folder_rejected(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+
+    result = run_cli([f"resume={plain}"], tmp_path)
+
+    assert result.returncode == 2
+    assert "not a dml-train run folder" in result.stderr
+    assert list(plain.iterdir()) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

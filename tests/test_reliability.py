@@ -365,8 +365,8 @@ def test_resume_of_missing_run_leaves_nothing(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert f"{tmp_path / 'outputs' / 'typo' / '.hydra' / 'config.yaml'} not found" in lines[0]
-    assert list((tmp_path / "outputs").iterdir()) == []
+    assert f"Invalid resume={tmp_path / 'outputs' / 'typo'}: no such run folder" in lines[0]
+    assert not (tmp_path / "outputs").exists()
 
 
 def fail_halfway_open(target_name, fail_from_call):

@@ -133,7 +133,7 @@ def test_missing_tensorboard_names_pip_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     cfg = compose_train("logger=tensorboard")
 
-    with pytest.raises(ConfigError, match=r'pip install "dml_cli\[tensorboard\]"'):
+    with pytest.raises(ConfigError, match=r"pip install -e \"\.\[tensorboard\]\""):
         build_loggers(cfg, tmp_path)
 
 
@@ -205,5 +205,5 @@ def test_cli_without_tensorboard_prints_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert 'pip install "dml_cli[tensorboard]"' in lines[0]
+    assert 'pip install -e ".[tensorboard]"' in lines[0]
     assert "Traceback" not in result.stdout + result.stderr
