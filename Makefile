@@ -9,11 +9,14 @@ help:  ## List the targets
 install:  ## Install the package with the test, sweep and TensorBoard extras
 	$(PYTHON) -m pip install -e ".[dev]"
 
-train:  ## Train three LeNets on scikit-learn's digits (offline, about a minute on 2 CPU cores)
+train:  ## Train three LeNets on scikit-learn's digits (offline, about 10 s on 2 CPU cores)
 	dml-train dataset=digits
 
 test:  ## Run the default test suite
 	$(PYTHON) -m pytest -q
+
+bench:  ## Benchmark training speed against a library-style DML loop (options: BENCH_ARGS=...)
+	$(PYTHON) benchmarks/bench_throughput.py $(BENCH_ARGS)
 
 lint:  ## Check formatting and lint with ruff
 	ruff format --check dml_cli tests benchmarks

@@ -401,8 +401,11 @@ def _read_error_message(name: str, root_abs: str, download: bool, err: BaseExcep
     ]
     expected = describe_missing(name, root_abs)
     detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if detail.endswith(":") and err.__cause__ is not None:
+        # torchvision's download error ends in a colon and chains the network error.
+        detail = f"{detail} {str(err.__cause__).strip()}".strip()
     cause = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
-    offline = "or use dataset=digits, which needs no download"
+    offline = "or point dataset.root at a folder that has them (dataset=digits needs no files)."
 
     if not missing:
         return (
@@ -413,8 +416,8 @@ def _read_error_message(name: str, root_abs: str, download: bool, err: BaseExcep
     if download:
         return (
             f"Dataset {name} not found in {root_abs} and its download failed ({cause}); expected "
-            f"{expected}. Run with dataset.download=true on a machine with network access and "
-            f"copy the files there, {offline}"
+            f"{expected}. Download them on a machine with network access and copy them there, "
+            f"{offline}"
         )
     return (
         f"Dataset {name} not found in {root_abs} (dataset.download=false); expected {expected}. "
@@ -459,14 +462,22 @@ def augment_batch(images: Tensor, generator: torch.Generator) -> Tensor:
     rows = offsets[0, :, None] + torch.arange(height, device=generator.device)
     columns = torch.arange(width, device=generator.device).expand(count, width)
     columns = torch.where(flips[:, None], columns.flip(1), columns) + offsets[1, :, None]
-    rows = rows.to(images.device)
-    columns = columns.to(images.device)
+    rows = _copy_to_device(rows, images.device)
+    columns = _copy_to_device(columns, images.device)
 
     # Two gathers pick each image's window: first its rows, then its (possibly reversed) columns.
     cropped = padded.gather(
         2, rows[:, None, :, None].expand(count, channels, height, padded.shape[3])
     )
     return cropped.gather(3, columns[:, None, None, :].expand(count, channels, height, width))
+
+
+def _copy_to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    # A copy from pageable host memory to CUDA waits for the GPU to finish its queued work, so
+    # the copy goes through pinned memory without blocking: the batch then needs no host sync.
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
