@@ -51,7 +51,7 @@ class DMLTrainer:
 
     Each student has its own optimizer (and optional scheduler, stepped once per epoch). With
     `update="simultaneous"` every student runs one forward pass per batch and the cohort takes one
-    backward pass; with `update="sequential"` students step one after another on the same batch
+    backward pass. With `update="sequential"` students step one after another on the same batch
     and later students mimic peers already updated on it (2K - 1 forward passes at most).
     """
 
@@ -180,7 +180,7 @@ class DMLTrainer:
     ) -> dict[str, dict[str, float]]:
         """Train every student for one pass over `loader` and return its mean train metrics.
 
-        Resumes inside the epoch when `epoch_state` says batches were already done. Raises
+        Resumes inside the epoch when `epoch_state` records batches already done. Raises
         `TrainingInterrupted` at a step boundary once `stop_signal` is set.
         """
         for student in self.students:
