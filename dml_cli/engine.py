@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import logging
 import math
+import platform
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -23,6 +25,14 @@ log = logging.getLogger(__name__)
 
 UPDATE_MODES = ("simultaneous", "sequential")
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+# mallopt parameter numbers from glibc's malloc.h, and the values keep_freed_memory_for_reuse
+# sets: 32 MiB is the largest mmap threshold glibc accepts on 64-bit systems.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MALLOC_MMAP_THRESHOLD_BYTES = 32 * 2**20
+MALLOC_TRIM_THRESHOLD_BYTES = 256 * 2**20
+_malloc_tuned = False
 
 
 class NonFiniteLossError(DMLError):
@@ -105,6 +115,8 @@ class DMLTrainer:
 
         if len(self.students) == 1 or self.mimicry_weight == 0:
             log.info("Mimicry is off: the students train independently.")
+        if self.device.type == "cpu":
+            keep_freed_memory_for_reuse()
 
     @property
     def cohort_size(self) -> int:
@@ -441,6 +453,37 @@ def predict_cohort(
     if not all_labels:
         raise DMLError("Cannot evaluate on an empty split: it has no samples.")
     return torch.cat(all_logits, dim=1).cpu(), torch.cat(all_labels).cpu()
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Set glibc's malloc thresholds so that freed CPU tensors are reused, not unmapped.
+
+    By default glibc serves blocks above a threshold that it adjusts as blocks are freed with
+    mmap, and returns free heap memory to the system above a second threshold. A CPU training
+    step then faults in fresh pages for its activations, a cost that varies from process to
+    process (benchmarks/README.md gives the measured faults per step and their cost). Fixing
+    both thresholds keeps freed blocks for the next step. The setting is process-wide and made
+    once. Returns whether the thresholds are set, which is False off glibc.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return True
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError on a non-glibc libc
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    mmap_set = mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES) == 1
+    trim_set = mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES) == 1
+    _malloc_tuned = mmap_set and trim_set
+    if not _malloc_tuned:
+        log.warning("glibc mallopt rejected the malloc thresholds; CPU steps may page-fault more.")
+    return _malloc_tuned
 
 
 def check_cohort_arguments(students, optimizers, schedulers, names) -> None:

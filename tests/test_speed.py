@@ -3,14 +3,16 @@
 import copy
 import importlib.util
 import math
+import platform
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dml_cli import engine
 from dml_cli.data import TensorBatches
-from dml_cli.engine import DMLTrainer
+from dml_cli.engine import DMLTrainer, keep_freed_memory_for_reuse
 from dml_cli.models import build_student
 
 MEAN = (0.4,)
@@ -170,7 +172,8 @@ def test_fp16_scaler_scales_loss():
 
     trainer.train_epoch(batches)
 
-    # No overflow in one step, so the scale stays at GradScaler's initial 2**16.
+    # A disabled scaler reports a scale of 1. With no overflow in one step, an enabled one keeps
+    # its initial 2**16.
     assert trainer.grad_scaler.get_scale() == 2.0**16
     assert trainer.state_dict()["grad_scaler"]["scale"] == 2.0**16
 
@@ -215,6 +218,20 @@ def test_channels_last_logits_match_contiguous():
         expected_state = expected.state_dict()
         for key, value in trained.state_dict().items():
             torch.testing.assert_close(value, expected_state[key], rtol=1e-4, atol=1e-5)
+
+
+def is_glibc():
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not is_glibc(), reason="mallopt is glibc's")
+def test_cpu_trainer_sets_malloc_thresholds(monkeypatch):
+    monkeypatch.setattr(engine, "_malloc_tuned", False)
+
+    make_trainer(make_lenets(1))
+
+    assert engine._malloc_tuned is True
+    assert keep_freed_memory_for_reuse() is True
 
 
 def load_reference_module():
