@@ -151,6 +151,9 @@ class DMLTrainer:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         self.grad_scaler.scale(loss.total.sum()).backward()
+        # NOTE: with precision "16", GradScaler.step hands its inf check to a fused optimizer
+        # (the shipped configs' default) but reads it with .item() for any other, one host
+        # sync per student per step. With "32" and "bf16" the scaler is off.
         for optimizer in self.optimizers:
             self.grad_scaler.step(optimizer)
         self.grad_scaler.update()

@@ -1,3 +1,4 @@
+import copy
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,32 @@ def test_per_student_optimizer_overrides_apply():
     assert optimizers[0].param_groups[0]["lr"] == 0.2
     assert optimizers[1].param_groups[0]["lr"] == 0.01
     assert optimizers[0].param_groups[0]["momentum"] == 0.9
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_shipped_optimizers_are_fused_and_match_the_for_loop(optimizer):
+    cfg = compose_train([f"optimizer={optimizer}", "cohort=two_lenets"])
+    specs = student_specs(cfg.cohort, seed=0)
+    students = build_students(specs, in_channels=1, image_size=28, num_classes=10)
+    for_loop_cfg = OmegaConf.merge(OmegaConf.to_container(cfg.optimizer), {"fused": None})
+    for_loop_cfg.foreach = False
+    for_loop_students = [copy.deepcopy(student) for student in students]
+
+    fused = build_optimizers(cfg.optimizer, specs, students)
+    for_loop = build_optimizers(for_loop_cfg, specs, for_loop_students)
+
+    assert [o.defaults["fused"] for o in fused] == [True, True]
+    assert [o.defaults["fused"] for o in for_loop] == [None, None]
+    images = torch.randn(8, 1, 28, 28)
+    for cohort, optimizers in ((students, fused), (for_loop_students, for_loop)):
+        for _ in range(3):
+            for student, opt in zip(cohort, optimizers, strict=True):
+                opt.zero_grad()
+                student(images).square().mean().backward()
+                opt.step()
+    for student, reference in zip(students, for_loop_students, strict=True):
+        for param, expected in zip(student.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
