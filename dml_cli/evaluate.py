@@ -40,7 +40,7 @@ from dml_cli.data import DataSplits, TensorBatches, load_dataset
 from dml_cli.engine import PRECISIONS, predict_cohort
 from dml_cli.errors import CheckpointError, ConfigError, DMLError
 from dml_cli.metrics import CLASSIFICATION_METRIC_KEYS, cohort_metrics
-from dml_cli.models import build_student, count_parameters, is_convolutional
+from dml_cli.models import build_student, count_parameters, use_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +118,7 @@ def evaluate_run(
     data = load_dataset(dataset_cfg)
 
     students = [build_checkpoint_student(path, payload, data) for path, payload in checkpoints]
-    channels_last = bool(
-        trainer_cfg.get("channels_last", False)
-        and torch_device.type == "cuda"
-        and all(is_convolutional(student) for student in students)
-    )
+    channels_last = use_channels_last(trainer_cfg.get("channels_last", False), students)
     students = [student.to(torch_device) for student in students]
     if channels_last:
         students = [student.to(memory_format=torch.channels_last) for student in students]

@@ -276,8 +276,18 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
 
 
 def is_convolutional(model: nn.Module) -> bool:
-    """Return whether the model contains an nn.Conv2d, which channels_last speeds up on CUDA."""
+    """Return whether the model contains an nn.Conv2d."""
     return any(isinstance(module, nn.Conv2d) for module in model.modules())
+
+
+def use_channels_last(enabled: bool, students: list[nn.Module]) -> bool:
+    """Return whether to run `students` in channels-last memory format.
+
+    Only when `enabled` (the `trainer.channels_last` setting) and every student is
+    convolutional: channels-last speeds up convolutions on CUDA and with oneDNN on the CPU
+    (benchmarks/README.md), and it would only add copies to a student without convolutions.
+    """
+    return bool(enabled) and all(is_convolutional(student) for student in students)
 
 
 def _is_positive_int(value: object) -> bool:

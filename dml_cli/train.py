@@ -34,7 +34,7 @@ from dml_cli.engine import DMLTrainer, TrainingInterrupted
 from dml_cli.errors import CheckpointError, DMLError
 from dml_cli.loggers import build_loggers
 from dml_cli.metrics import cohort_metrics
-from dml_cli.models import count_parameters, is_convolutional
+from dml_cli.models import count_parameters, use_channels_last
 from dml_cli.preflight import check_command_line
 from dml_cli.recorder import RunRecorder
 from dml_cli.report import ReportCallback
@@ -89,11 +89,7 @@ def build_trainer(cfg: DictConfig, data: DataSplits, device: torch.device):
         image_size=data.image_size,
         num_classes=data.num_classes,
     )
-    channels_last = bool(
-        cfg.trainer.channels_last
-        and device.type == "cuda"
-        and all(is_convolutional(student) for student in students)
-    )
+    channels_last = use_channels_last(cfg.trainer.channels_last, students)
     if cfg.trainer.compile:
         for student in students:
             student.compile()

@@ -16,6 +16,7 @@ from dml_cli.models import (
     is_convolutional,
     is_known_arch,
     known_archs,
+    use_channels_last,
 )
 
 OWN_ARCHS = sorted(ARCHS)
@@ -332,6 +333,14 @@ def test_is_convolutional_per_arch():
     assert is_convolutional(_build("resnet20"))
     assert is_convolutional(_build("resnet18"))
     assert not is_convolutional(_build("mlp"))
+
+
+def test_channels_last_only_for_all_convolutional_cohorts():
+    lenets = [_build("lenet5"), _build("lenet5")]
+
+    assert use_channels_last(True, lenets)
+    assert not use_channels_last(False, lenets)
+    assert not use_channels_last(True, [_build("lenet5"), _build("mlp")])
 
 
 @pytest.mark.parametrize("arch", [*OWN_ARCHS, "resnet18"])
