@@ -9,6 +9,9 @@ from the same initial weights on the same data:
 - independent: `DMLTrainer` with mimicry_weight=0, the `loss=independent` baseline, which is the
   cost of training the students alone and so the floor that DML cannot beat.
 
+A fourth, paired run builds the dml and independent trainers in one process and alternates
+their chunks, so the cost of mimicry shows without the noise between processes.
+
 Every measurement runs in a fresh subprocess, so peak memory of one variant never mixes with
 another's: on CPU the peak resident-set growth over the process's size before the data was
 built, on CUDA `torch.cuda.max_memory_allocated`. The variants of one repeat run back to back
@@ -152,22 +155,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile", action="store_true", help="torch.compile the engine's students (not (b))"
     )
     parser.add_argument(
-        "--fused-optimizer",
-        action="store_true",
-        help="build the engine's SGD optimizers with fused=True (not (b)'s)",
+        "--no-fused-optimizer",
+        dest="fused_optimizer",
+        action="store_false",
+        help="build the engine's SGD optimizers without fused=True, as dml-train does with "
+        "optimizer.fused=null ((b) never uses it)",
     )
     parser.add_argument(
-        "--channels-last",
-        default="auto",
-        choices=("auto", "on", "off"),
-        help="channels-last format for the engine's students; auto follows dml-train, which "
-        "uses it on CUDA for convolutional students",
+        "--no-channels-last",
+        dest="channels_last",
+        action="store_false",
+        help="keep the engine's students in the default memory format, as dml-train does with "
+        "trainer.channels_last=false; otherwise they run channels-last when all are "
+        "convolutional ((b) never does)",
     )
     parser.add_argument(
         "--mnist-root",
         default=None,
         help="read MNIST-shaped cases' images from this torchvision MNIST root, e.g. "
         "/work/shared/data/mini-mnist, instead of random uint8 images",
+    )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default malloc thresholds in the engine's runs, which the engine "
+        "otherwise fixes on the CPU (see keep_freed_memory_for_reuse)",
+    )
+    parser.add_argument(
+        "--no-paired",
+        action="store_true",
+        help="skip the run that alternates dml and independent chunks in one process",
     )
     parser.add_argument("--json", default=None, help="also write every measurement to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -251,7 +268,7 @@ def load_images(case: Case, mnist_root: str | None):
     return images, labels
 
 
-def build_cohort(case: Case, fused_optimizer: bool = False):
+def build_cohort(case: Case, fused_optimizer: bool):
     """Build the case's students, student k from seed k, and one SGD optimizer each."""
     import torch
 
@@ -279,21 +296,17 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_engine(case: Case, variant: str, spec: dict, images, labels):
+def _build_engine(case: Case, variant: str, spec: dict, images, labels):
+    """Build a warmed-up trainer for `variant` and its loader, set to the timed epoch."""
     import torch
 
     from dml_cli.data import TensorBatches
     from dml_cli.engine import DMLTrainer
-    from dml_cli.models import is_convolutional
+    from dml_cli.models import use_channels_last
 
     device = torch.device(spec["device"])
     students, optimizers = build_cohort(case, spec["fused_optimizer"])
-    convolutional = all(is_convolutional(student) for student in students)
-    if spec["channels_last"] == "auto":
-        # dml-train's rule: channels-last only on CUDA and only for convolutional students.
-        channels_last = device.type == "cuda" and convolutional
-    else:
-        channels_last = spec["channels_last"] == "on" and convolutional
+    channels_last = use_channels_last(spec["channels_last"], students)
     if spec["compile"]:
         for student in students:
             student.compile()
@@ -322,7 +335,38 @@ def _time_engine(case: Case, variant: str, spec: dict, images, labels):
     loader.set_epoch(0)
     trainer.train_epoch(islice(loader, case.warmup_steps))
     loader.set_epoch(1)
-    return _time_chunks(trainer.train_epoch, iter(loader), case.timed_steps, device)
+    return trainer, loader, device
+
+
+def _time_engine(case: Case, variant: str, spec: dict, images, labels):
+    trainer, loader, device = _build_engine(case, variant, spec, images, labels)
+    faults_before = _minor_faults()
+    chunks = _time_chunks(trainer.train_epoch, iter(loader), case.timed_steps, device)
+    return *chunks, _minor_faults() - faults_before
+
+
+def _time_paired(case: Case, spec: dict, images, labels) -> list[float]:
+    """Alternate dml and independent chunks in one process; return each pair's time ratio.
+
+    Both trainers share the process, so differences between processes (memory placement,
+    another process's load) cancel out of the ratio of dml's time to the independent time.
+    """
+    runs = {}
+    for variant in ("dml", "independent"):
+        trainer, loader, device = _build_engine(case, variant, spec, images, labels)
+        runs[variant] = (trainer.train_epoch, iter(loader))
+    num_chunks = min(NUM_CHUNKS, case.timed_steps)
+    chunk_size = case.timed_steps // num_chunks
+    ratios = []
+    for chunk in range(num_chunks):
+        order = ("dml", "independent") if chunk % 2 == 0 else ("independent", "dml")
+        times = {}
+        for variant in order:
+            train_epoch, batches = runs[variant]
+            _, chunk_times = _time_chunks(train_epoch, batches, chunk_size, device, num_chunks=1)
+            times[variant] = chunk_times[0]
+        ratios.append(times["dml"] / times["independent"])
+    return ratios
 
 
 def _time_reference(case: Case, spec: dict, images, labels):
@@ -330,7 +374,7 @@ def _time_reference(case: Case, spec: dict, images, labels):
     from reference_dml import ReferenceDML, make_reference_loader
 
     device = torch.device(spec["device"])
-    students, optimizers = build_cohort(case)
+    students, optimizers = build_cohort(case, fused_optimizer=False)
     reference = ReferenceDML(students, optimizers, device=device, precision=spec["precision"])
     loader = make_reference_loader(
         images,
@@ -341,12 +385,16 @@ def _time_reference(case: Case, spec: dict, images, labels):
         augment=case.augment,
     )
     reference.train_epoch(islice(loader, case.warmup_steps))
-    return _time_chunks(reference.train_epoch, iter(loader), case.timed_steps, device)
+    faults_before = _minor_faults()
+    chunks = _time_chunks(reference.train_epoch, iter(loader), case.timed_steps, device)
+    return *chunks, _minor_faults() - faults_before
 
 
-def _time_chunks(train_epoch, batches, steps: int, device) -> tuple[list[int], list[float]]:
-    """Train on `steps` batches in up to NUM_CHUNKS chunks; return each chunk's steps and time."""
-    num_chunks = min(NUM_CHUNKS, steps)
+def _time_chunks(
+    train_epoch, batches, steps: int, device, num_chunks: int = NUM_CHUNKS
+) -> tuple[list[int], list[float]]:
+    """Train on `steps` batches in up to `num_chunks` chunks; return their steps and times."""
+    num_chunks = min(num_chunks, steps)
     chunk_steps = [steps // num_chunks + (i < steps % num_chunks) for i in range(num_chunks)]
     chunk_times = []
     _synchronize(device)
@@ -358,6 +406,10 @@ def _time_chunks(train_epoch, batches, steps: int, device) -> tuple[list[int], l
     return chunk_steps, chunk_times
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def run_worker(spec: dict) -> dict:
     """Time one variant of one case in this process; return images/s and peak memory."""
     # Import everything a variant uses before the baseline, so imports do not count as growth.
@@ -365,9 +417,11 @@ def run_worker(spec: dict) -> dict:
     import torch
 
     import dml_cli.data  # noqa: F401
-    import dml_cli.engine  # noqa: F401
+    import dml_cli.engine
 
     torch.set_num_threads(spec["threads"])
+    if spec["default_malloc"]:
+        dml_cli.engine.keep_freed_memory_for_reuse = lambda: False
     fields = {
         key: tuple(value) if isinstance(value, list) else value
         for key, value in spec["case"].items()
@@ -380,10 +434,15 @@ def run_worker(spec: dict) -> dict:
     baseline_kib = _status_kib("VmRSS") or 0
 
     images, labels = load_images(case, spec["mnist_root"])
+    if spec["variant"] == "paired":
+        ratios = _time_paired(case, spec, images, labels)
+        return {"case": case.name, "variant": "paired", "time_ratio": statistics.median(ratios)}
     if spec["variant"] == "reference":
-        chunk_steps, chunk_times = _time_reference(case, spec, images, labels)
+        chunk_steps, chunk_times, faults = _time_reference(case, spec, images, labels)
     else:
-        chunk_steps, chunk_times = _time_engine(case, spec["variant"], spec, images, labels)
+        chunk_steps, chunk_times, faults = _time_engine(
+            case, spec["variant"], spec, images, labels
+        )
     chunk_speeds = [
         steps * case.batch_size / time_s
         for steps, time_s in zip(chunk_steps, chunk_times, strict=True)
@@ -401,6 +460,7 @@ def run_worker(spec: dict) -> dict:
         "mean_images_per_s": case.timed_steps * case.batch_size / sum(chunk_times),
         "peak_mib": peak_mib,
         "peak_reset": peak_reset,
+        "minor_faults_per_step": faults / case.timed_steps,
     }
 
 
@@ -418,6 +478,7 @@ def run_measurement(case: Case, variant: str, args: argparse.Namespace) -> dict:
         "compile": args.compile and variant != "reference",
         "channels_last": args.channels_last,
         "fused_optimizer": args.fused_optimizer and variant != "reference",
+        "default_malloc": args.default_malloc,
         "mnist_root": args.mnist_root,
     }
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
@@ -454,6 +515,7 @@ def machine_description(args: argparse.Namespace) -> dict:
         "compile": args.compile,
         "channels_last": args.channels_last,
         "fused_optimizer": args.fused_optimizer,
+        "default_malloc": args.default_malloc,
         "repeats": args.repeats,
         "quick": args.quick,
         "data": args.mnist_root or "random uint8 images",
@@ -464,7 +526,11 @@ def machine_description(args: argparse.Namespace) -> dict:
 
 
 def summarise(results: list[dict], cases: list[Case]) -> dict:
-    """Return {case: {variant: {"images_per_s", "min", "max", "peak_mib"}}} over the repeats."""
+    """Return {case: {variant: {"images_per_s", "min", "max", "peak_mib", "faults_per_step"}}}.
+
+    Speeds and faults are medians over the repeats and the peak is their maximum. A case with
+    paired runs also gets {"paired": {"time_ratio", "min", "max"}}.
+    """
     summary = {}
     for case in cases:
         summary[case.name] = {}
@@ -476,6 +542,14 @@ def summarise(results: list[dict], cases: list[Case]) -> dict:
                 "min": min(speeds),
                 "max": max(speeds),
                 "peak_mib": max(row["peak_mib"] for row in rows),
+                "faults_per_step": statistics.median(row["minor_faults_per_step"] for row in rows),
+            }
+        paired = [r["time_ratio"] for r in results if r["case"] == case.name and "time_ratio" in r]
+        if paired:
+            summary[case.name]["paired"] = {
+                "time_ratio": statistics.median(paired),
+                "min": min(paired),
+                "max": max(paired),
             }
     return summary
 
@@ -483,27 +557,32 @@ def summarise(results: list[dict], cases: list[Case]) -> dict:
 def format_table(summary: dict, cases: list[Case], device: str) -> str:
     memory = "peak MiB (CUDA allocated)" if device == "cuda" else "peak MiB (RSS growth)"
     lines = [
-        "| case | variant | images/s (median) | min - max | " + memory + " |",
-        "| --- | --- | ---: | ---: | ---: |",
+        f"| case | variant | images/s (median) | min - max | {memory} | page faults/step |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for case in cases:
         for variant in case.variants:
             row = summary[case.name][variant]
             lines.append(
                 f"| {case.name} | {variant} | {row['images_per_s']:,.0f} | "
-                f"{row['min']:,.0f} - {row['max']:,.0f} | {row['peak_mib']:,.1f} |"
+                f"{row['min']:,.0f} - {row['max']:,.0f} | {row['peak_mib']:,.1f} | "
+                f"{row['faults_per_step']:,.0f} |"
             )
     lines += [
         "",
         "| case | a/b speed (dml / reference) | a/c speed (dml / independent) | "
-        "a/c peak memory | a/b peak memory |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "dml / independent time, paired (min - max) | a/c peak memory | a/b peak memory |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for case in cases:
         rows = summary[case.name]
+        paired = "n/a"
+        if "paired" in rows:
+            ratio = rows["paired"]
+            paired = f"{ratio['time_ratio']:.3f} ({ratio['min']:.3f} - {ratio['max']:.3f})"
         lines.append(
             f"| {case.name} | {_ratio(rows, 'dml', 'reference', 'images_per_s')} | "
-            f"{_ratio(rows, 'dml', 'independent', 'images_per_s')} | "
+            f"{_ratio(rows, 'dml', 'independent', 'images_per_s')} | {paired} | "
             f"{_ratio(rows, 'dml', 'independent', 'peak_mib')} | "
             f"{_ratio(rows, 'dml', 'reference', 'peak_mib')} |"
         )
@@ -524,6 +603,14 @@ def check_targets(summary: dict) -> list[str]:
         speedup = lenet_b32["dml"]["images_per_s"] / lenet_b32["reference"]["images_per_s"]
         verdict = "met" if speedup >= 7.0 else "missed"
         lines.append(f"{verdict}: dml is {speedup:.2f}x the reference at batch 32 (target >= 7x)")
+        if "independent" in lenet_b32:
+            floor = (
+                lenet_b32["independent"]["images_per_s"] / lenet_b32["reference"]["images_per_s"]
+            )
+            lines.append(
+                f"  for comparison, the independent students are {floor:.2f}x the reference: "
+                "DML does their work and more, so it cannot pass this by much"
+            )
     lenet_b128 = summary.get("lenet3_b128")
     if lenet_b128 and "independent" in lenet_b128:
         # Time per image is the inverse of throughput.
@@ -532,6 +619,13 @@ def check_targets(summary: dict) -> list[str]:
         lines.append(
             f"{verdict}: dml takes {slowdown:.3f}x the independent students' time at batch 128 "
             "(target <= 1.10x)"
+        )
+    if lenet_b128 and "paired" in lenet_b128:
+        slowdown = lenet_b128["paired"]["time_ratio"]
+        verdict = "met" if slowdown <= 1.10 else "missed"
+        lines.append(
+            f"{verdict}: paired in one process, dml takes {slowdown:.3f}x the independent "
+            "students' time at batch 128 (target <= 1.10x)"
         )
     default_run = summary.get("lenet3_b64_60k")
     if default_run and "independent" in default_run:
@@ -577,7 +671,17 @@ def main(argv: list[str] | None = None) -> None:
                 results.append(result)
                 print(
                     f"  repeat {repeat + 1}/{args.repeats} {case.name:<16} {variant:<11} "
-                    f"{result['images_per_s']:>9,.0f} images/s  {result['peak_mib']:>7,.1f} MiB",
+                    f"{result['images_per_s']:>9,.0f} images/s  {result['peak_mib']:>7,.1f} MiB  "
+                    f"{result['minor_faults_per_step']:>7,.1f} page faults/step",
+                    flush=True,
+                )
+            if not args.no_paired:
+                result = run_measurement(case, "paired", args)
+                result["repeat"] = repeat
+                results.append(result)
+                print(
+                    f"  repeat {repeat + 1}/{args.repeats} {case.name:<16} {'paired':<11} "
+                    f"dml takes {result['time_ratio']:.3f}x the independent time",
                     flush=True,
                 )
 

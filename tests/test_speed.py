@@ -4,6 +4,7 @@ import copy
 import importlib.util
 import math
 import platform
+import sys
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,41 @@ def test_reference_transform_matches_normalize_batch():
     assert reference_images.shape == (8, 1, 8, 8)
     for image, label in zip(reference_images, reference_labels, strict=True):
         torch.testing.assert_close(image, expected[int(label)], rtol=1e-5, atol=1e-5)
+
+
+def load_benchmark_module():
+    spec = importlib.util.spec_from_file_location(
+        "bench_throughput", BENCHMARKS_DIR / "bench_throughput.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    # Its dataclasses look their module up in sys.modules.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_summary_and_target_verdicts():
+    bench = load_benchmark_module()
+    cases = [case for case in bench.CASES if case.name == "lenet3_b32"]
+    speeds = {"dml": [4000, 4400, 4200], "reference": [600, 590, 610], "independent": [4300] * 3}
+    results = [
+        {
+            "case": "lenet3_b32",
+            "variant": variant,
+            "images_per_s": speed,
+            "peak_mib": 40.0 + repeat,
+            "minor_faults_per_step": 1.0,
+        }
+        for variant, values in speeds.items()
+        for repeat, speed in enumerate(values)
+    ]
+    results += [{"case": "lenet3_b32", "variant": "paired", "time_ratio": r} for r in (1.2, 1.0)]
+
+    summary = bench.summarise(results, cases)
+    lines = bench.check_targets(summary)
+
+    assert summary["lenet3_b32"]["dml"]["images_per_s"] == 4200
+    assert summary["lenet3_b32"]["dml"]["peak_mib"] == 42.0
+    assert summary["lenet3_b32"]["paired"] == {"time_ratio": 1.1, "min": 1.0, "max": 1.2}
+    assert lines[0] == "met: dml is 7.00x the reference at batch 32 (target >= 7x)"
+    assert "independent students are 7.17x the reference" in lines[1]
