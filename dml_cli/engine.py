@@ -461,12 +461,13 @@ def predict_cohort(
 def keep_freed_memory_for_reuse() -> bool:
     """Set glibc's malloc thresholds so that freed CPU tensors are reused, not unmapped.
 
-    By default glibc serves blocks above a threshold that it adjusts as blocks are freed with
-    mmap, and returns free heap memory to the system above a second threshold. A CPU training
-    step then faults in fresh pages for its activations, a cost that varies from process to
-    process (benchmarks/README.md gives the measured faults per step and their cost). Fixing
-    both thresholds keeps freed blocks for the next step. The setting is process-wide and made
-    once. Returns whether the thresholds are set, which is False off glibc.
+    By default glibc maps blocks above a threshold with mmap and unmaps them when they are
+    freed (the threshold moves as blocks are freed), and it returns free heap memory to the
+    system above a second threshold. A CPU training step then faults in fresh pages for its
+    activations, at a cost that varies from process to process (benchmarks/README.md gives the
+    measured faults per step and their cost). Fixing both thresholds keeps freed blocks for the
+    next step. The setting is process-wide and made once. Returns whether the thresholds are
+    set, which is False on a libc other than glibc.
     """
     global _malloc_tuned
     if _malloc_tuned:
