@@ -142,7 +142,9 @@ def build_optimizers(
         factory = instantiate_allowed(merged, "optimizer")
         try:
             optimizers.append(factory(student.parameters()))
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, RuntimeError) as err:
+            # torch.optim constructors raise RuntimeError for options that exclude each other,
+            # such as fused=true with foreach=true (torch 2.14).
             raise ConfigError(f"Invalid optimizer settings for {spec.name}: {err}.") from err
     return optimizers
 

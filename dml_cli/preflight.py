@@ -9,6 +9,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from dml_cli.config import config_dir, validate_config
+from dml_cli.dry_build import check_cohort_build
 from dml_cli.errors import CheckpointError, ConfigError
 
 # Flags after which Hydra does something other than one training run (help, printing the
@@ -33,6 +34,7 @@ def check_command_line(overrides: list[str]) -> None:
         check_resume_folder(Path(str(cfg.resume)).expanduser().absolute())
         return
     validate_config(cfg)
+    check_cohort_build(cfg)
 
 
 def check_resume_folder(run_dir: Path) -> None:
