@@ -142,23 +142,40 @@ def test_report_plot_has_both_curves(cohort_size_sweep):
     assert height > 200
 
 
+def missing_mnist_sweep(tmp_path):
+    """Overrides of a two-job sweep whose first job finds no MNIST files when it loads them.
+
+    Preflight cannot see a missing dataset, so that job fails when it runs.
+    """
+    root = tmp_path / "no-data"
+    return [
+        "dataset=mnist,synthetic",
+        # Hydra's basic sweeper writes a bool back as False, so the job's overrides match this.
+        "dataset.download=False",
+        f"dataset.root={root}",
+        "trainer.epochs=1",
+        "cohort=homogeneous",
+        "cohort.size=1",
+    ]
+
+
 def test_failed_job_recorded_sweep_continues(tmp_path):
-    args = ["-m", "dataset=synthetic", "trainer.epochs=1", "cohort=homogeneous"]
-    result = run_script(DML_TRAIN, [*args, "cohort.size=0,1"], tmp_path)
+    args = missing_mnist_sweep(tmp_path)
+    result = run_script(DML_TRAIN, ["-m", *args], tmp_path)
 
     assert result.returncode == 1
     sweep_dir = only_sweep_dir(tmp_path)
     failed = json.loads((sweep_dir / "0" / "failed.json").read_text())
     assert failed["status"] == "failed"
-    assert "cohort.size=0" in failed["error"]
+    assert f"Dataset mnist not found in {tmp_path / 'no-data'}" in failed["error"]
     assert (sweep_dir / "1" / "summary.json").is_file()
     rows = read_csv(sweep_dir / "report.csv")
-    assert [(row["cohort.size"], row["seeds"], row["failed"]) for row in rows] == [
-        ("0", "0", "1"),
-        ("1", "1", "0"),
+    assert [(row["dataset"], row["seeds"], row["failed"]) for row in rows] == [
+        ("mnist", "0", "1"),
+        ("synthetic", "1", "0"),
     ]
     markdown = (sweep_dir / "report.md").read_text()
-    overrides = "dataset=synthetic trainer.epochs=1 cohort=homogeneous cohort.size=0"
+    overrides = " ".join(["dataset=mnist", *args[1:]])
     assert f"| 0 | {overrides} | {failed['error']} |" in markdown
     assert f"failed job 0 ({overrides}): {failed['error']}" in result.stdout
 
@@ -189,8 +206,8 @@ def test_joblib_launcher_runs_two_jobs(tmp_path):
 
 
 def test_joblib_failed_job_exits_nonzero(tmp_path):
-    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "dataset=synthetic"]
-    args += ["trainer.epochs=1", "cohort=homogeneous", "cohort.size=0,1"]
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    args += missing_mnist_sweep(tmp_path)
 
     result = run_script(DML_TRAIN, args, tmp_path)
 
