@@ -300,7 +300,7 @@ def _build_engine(case: Case, variant: str, spec: dict, images, labels):
     """Build a warmed-up trainer for `variant` and its loader, set to the timed epoch."""
     import torch
 
-    from dml_cli.data import TensorBatches
+    from dml_cli.batches import TensorBatches
     from dml_cli.engine import DMLTrainer
     from dml_cli.models import use_channels_last
 
@@ -416,6 +416,7 @@ def run_worker(spec: dict) -> dict:
     import reference_dml  # noqa: F401
     import torch
 
+    import dml_cli.batches  # noqa: F401
     import dml_cli.data  # noqa: F401
     import dml_cli.engine
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from dml_cli.build import DEVICE_TYPES, check_targets, student_specs
-from dml_cli.data import _val_count, check_dataset_config
+from dml_cli.dataset_config import _val_count, check_dataset_config
 from dml_cli.engine import PRECISIONS, check_loss_arguments
 from dml_cli.errors import ConfigError
 

@@ -27,6 +27,7 @@ from rich.table import Table
 from torch import nn
 
 from dml_cli import __version__
+from dml_cli.batches import TensorBatches
 from dml_cli.build import StudentSpec, check_targets, resolve_device, student_specs
 from dml_cli.checkpoints import (
     STUDENT_FORMAT,
@@ -36,7 +37,7 @@ from dml_cli.checkpoints import (
 )
 from dml_cli.config import config_dir
 from dml_cli.console import console, print_error
-from dml_cli.data import DataSplits, TensorBatches, load_dataset
+from dml_cli.data import DataSplits, load_dataset
 from dml_cli.engine import PRECISIONS, predict_cohort
 from dml_cli.errors import CheckpointError, ConfigError, DMLError
 from dml_cli.metrics import CLASSIFICATION_METRIC_KEYS, cohort_metrics

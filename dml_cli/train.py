@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from dml_cli import __version__
+from dml_cli.batches import TensorBatches
 from dml_cli.build import (
     build_optimizers,
     build_schedulers,
@@ -29,7 +30,7 @@ from dml_cli.build import (
 from dml_cli.checkpoints import atomic_write_json
 from dml_cli.config import NEW_RESUME_DIRS, config_dir, validate_config
 from dml_cli.console import print_error, print_training_summary
-from dml_cli.data import DataSplits, TensorBatches, load_dataset
+from dml_cli.data import DataSplits, load_dataset
 from dml_cli.engine import DMLTrainer, TrainingInterrupted
 from dml_cli.errors import CheckpointError, DMLError
 from dml_cli.loggers import build_loggers

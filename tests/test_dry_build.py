@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from dml_cli import data
+from dml_cli import data, torchvision_datasets
 from dml_cli.config import config_dir
 from dml_cli.dry_build import DataShape, check_cohort_build, config_shape
 from dml_cli.errors import ConfigError
@@ -139,8 +139,9 @@ def no_data_access(monkeypatch, tmp_path):
     def fail(*args, **kwargs):
         raise AssertionError("the check loaded or looked up a dataset")
 
-    for name in ("load_dataset", "_load_digits", "_make_synthetic", "_torchvision_class"):
+    for name in ("load_dataset", "_load_digits", "_make_synthetic"):
         monkeypatch.setattr(data, name, fail)
+    monkeypatch.setattr(torchvision_datasets, "_torchvision_class", fail)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dml_cli import engine
-from dml_cli.data import TensorBatches
+from dml_cli.batches import TensorBatches
 from dml_cli.engine import DMLTrainer, keep_freed_memory_for_reuse
 from dml_cli.models import build_student
 
