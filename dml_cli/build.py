@@ -50,7 +50,8 @@ class StudentSpec:
 def student_specs(cohort_cfg: DictConfig, seed: int) -> list[StudentSpec]:
     """List the cohort's students, expanding a generated cohort (`arch` and `size`)."""
     students = cohort_cfg.get("students")
-    if students is None and cohort_cfg.get("size") is not None:
+    generated = students is None and cohort_cfg.get("size") is not None
+    if generated:
         size = cohort_cfg.size
         if not isinstance(size, int) or size < 1:
             raise ConfigError(f"Invalid cohort.size={size}: it must be an integer >= 1.")
@@ -76,9 +77,9 @@ def student_specs(cohort_cfg: DictConfig, seed: int) -> list[StudentSpec]:
         name = str(student.get("name") or f"student_{index}")
         arch = str(student["arch"])
         if not is_known_arch(arch):
+            key = "cohort.arch" if generated else f"cohort.students[{index}].arch"
             raise ConfigError(
-                f"Unknown arch {arch!r} for {name} (cohort.students[{index}].arch): use one of "
-                f"{', '.join(known_archs())}."
+                f"Unknown arch {arch!r} for {name} ({key}): use one of {', '.join(known_archs())}."
             )
         specs.append(
             StudentSpec(

@@ -135,14 +135,7 @@ class RunRecorder:
     def on_epoch_end(self, trainer: DMLTrainer, rows: list[dict]) -> None:
         self.end_epoch()
         _check_weights_finite(trainer)
-        cells = []
-        for row in rows[:-1]:
-            cells.append(f"{row['train_loss']:>18.4f} {row['val_acc']:>9.4f}")
-        ensemble = rows[-1]
-        log.info(
-            f"{trainer.epoch:>5}  {'  '.join(cells)}  {ensemble['val_acc']:>8.4f}  "
-            f"{rows[0]['lr']:>8.2g}  {ensemble['time_s']:>6.1f}"
-        )
+        log.info(epoch_line(trainer.epoch, rows))
         for message in self._best_messages:
             log.info(message)
         self._best_messages.clear()
@@ -240,3 +233,20 @@ def _last_val_acc(trainer: DMLTrainer, name: str) -> float | None:
         if row["student"] == name:
             return row["val_acc"]
     return None
+
+
+def epoch_line(epoch: int, rows: list[dict]) -> str:
+    """Format one row of the console's epoch table from the students' rows and the ensemble's.
+
+    The lr column shows one value when the students share it, else each student's lr in cohort
+    order, joined by "/".
+    """
+    cells = [f"{row['train_loss']:>18.4f} {row['val_acc']:>9.4f}" for row in rows[:-1]]
+    ensemble = rows[-1]
+    lrs = [f"{row['lr']:.2g}" for row in rows[:-1]]
+    if len(set(lrs)) == 1:
+        lrs = lrs[:1]
+    return (
+        f"{epoch:>5}  {'  '.join(cells)}  {ensemble['val_acc']:>8.4f}  "
+        f"{'/'.join(lrs):>8}  {ensemble['time_s']:>6.1f}"
+    )

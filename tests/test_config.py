@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from dml_cli.build import build_optimizers, build_schedulers, build_students, student_specs
 from dml_cli.config import config_dir, validate_config
+from dml_cli.errors import ConfigError
 from dml_cli.models import count_parameters
 
 CONF = Path(config_dir())
@@ -132,6 +133,16 @@ def test_homogeneous_cohort_expands_size():
 
     assert [spec.name for spec in specs] == [f"student_{i}" for i in range(4)]
     assert {spec.arch for spec in specs} == {"mlp"}
+
+
+def test_unknown_arch_names_the_key_set():
+    generated = compose_train(["cohort=homogeneous", "cohort.arch=resnet18000"])
+    listed = compose_train(["cohort=two_lenets", "cohort.students.1.arch=resnet18000"])
+
+    with pytest.raises(ConfigError, match=r"for student_0 \(cohort\.arch\)"):
+        student_specs(generated.cohort, seed=0)
+    with pytest.raises(ConfigError, match=r"for student_1 \(cohort\.students\[1\]\.arch\)"):
+        student_specs(listed.cohort, seed=0)
 
 
 def test_per_student_optimizer_overrides_apply():
