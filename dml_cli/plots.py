@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -133,7 +134,20 @@ def _draw_curve_panel(
 def _save(figure: Figure, path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=DPI)
+    # Matplotlib warns and keeps the default layout when long legend labels leave no room for
+    # the axes. The figure is still useful, so the warning becomes one log line.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("always", message="constrained_layout not applied")
+        figure.savefig(path, format="png", dpi=DPI)
+    for warning in caught:
+        if "constrained_layout not applied" in str(warning.message):
+            log.info(
+                "%s: the legend and labels leave no room for the plots, so they overlap", path
+            )
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
     log.debug("Saved figure to %s", path)
     return path
 

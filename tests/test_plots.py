@@ -1,7 +1,9 @@
 """PNG figures: files written and readable, and the drawn data, labels and legends."""
 
 import csv
+import logging
 import math
+import warnings
 
 import matplotlib.image
 import pytest
@@ -246,3 +248,15 @@ def test_cohort_size_points_sorted_with_errors():
 def test_cohort_size_empty_series_saved(tmp_path):
     path = plot_accuracy_vs_cohort_size({"dml": []}, tmp_path / "empty.png")
     assert_readable_png(path, width=round(6.5 * DPI), height=round(4.5 * DPI))
+
+
+def test_crowded_legend_logs_instead_of_warning(tmp_path, caplog):
+    series = {f"{'very long label ' * 12}{index}": [(1, 0.9, 0.01)] for index in range(40)}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level(logging.INFO, logger="dml_cli.plots"):
+            path = plot_accuracy_vs_cohort_size(series, tmp_path / "crowded.png")
+
+    assert path.stat().st_size > 0
+    assert "leave no room for the plots" in caplog.text
