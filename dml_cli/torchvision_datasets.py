@@ -116,9 +116,11 @@ def _read_error_message(name: str, root_abs: str, download: bool, err: BaseExcep
     ]
     expected = describe_missing(name, root_abs)
     detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if detail.endswith(":") and err.__cause__ is not None:
-        # torchvision's download error ends in a colon and chains the network error.
-        detail = f"{detail} {str(err.__cause__).strip()}".strip()
+    if detail.endswith(":"):
+        # torchvision's download error ends in a colon, followed by the network error when it
+        # chains one.
+        reason = err.__cause__ or err.__context__
+        detail = f"{detail} {str(reason).strip()}" if reason is not None else detail[:-1]
     cause = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
     offline = "or point dataset.root at a folder that has them (dataset=digits needs no files)."
 

@@ -331,3 +331,17 @@ def test_missing_config_key_raises():
 
     with pytest.raises(ConfigError, match="dataset.split_seed is missing"):
         load_dataset(cfg)
+
+
+def test_download_error_colon_is_dropped(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def fail_download(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", fail_download)
+
+    with pytest.raises(DataError) as info:
+        load_dataset(dataset_cfg("mnist", root=str(tmp_path), download=True))
+
+    assert "(RuntimeError: Error downloading train-images-idx3-ubyte.gz);" in str(info.value)
