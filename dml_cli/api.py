@@ -272,7 +272,12 @@ class _ApiRecorder(RunRecorder):
 def _resolve(device: torch.device | str) -> torch.device:
     if isinstance(device, str) and device in ("auto", "cpu", "cuda"):
         return resolve_device(device)
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"Invalid device={device!r}: pass 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device."
+        ) from err
 
 
 def _as_list(items: object, item_type: type, key: str) -> list:

@@ -85,7 +85,8 @@ class DMLTrainer:
         check_loss_arguments(temperature, mimicry_weight, update, mimicry)
         if str(precision) not in PRECISIONS:
             raise ConfigError(
-                f"Invalid trainer.precision={precision!r}: choose one of {list(PRECISIONS)}."
+                f"Invalid precision={precision!r} (trainer.precision): choose one of "
+                f"{', '.join(PRECISIONS)}."
             )
         self.device = torch.device(device)
         self.students = [student.to(self.device) for student in students]
@@ -515,18 +516,27 @@ def check_cohort_arguments(students, optimizers, schedulers, names) -> None:
 
 
 def check_loss_arguments(temperature, mimicry_weight, update, mimicry) -> None:
-    """Raise ConfigError for loss settings outside their valid range."""
+    """Raise ConfigError for loss settings outside their valid range.
+
+    Each message names the argument and, in parentheses, its dml-train config key.
+    """
     if not (math.isfinite(temperature) and temperature > 0):
-        raise ConfigError(f"Invalid loss.temperature={temperature}: it must be finite and > 0.")
+        raise ConfigError(
+            f"Invalid temperature={temperature} (loss.temperature): it must be finite and > 0."
+        )
     if not (math.isfinite(mimicry_weight) and mimicry_weight >= 0):
         raise ConfigError(
-            f"Invalid loss.mimicry_weight={mimicry_weight}: it must be finite and >= 0."
+            f"Invalid mimicry_weight={mimicry_weight} (loss.mimicry_weight): it must be finite "
+            "and >= 0."
         )
     if update not in UPDATE_MODES:
-        raise ConfigError(f"Invalid loss.update={update!r}: choose one of {list(UPDATE_MODES)}.")
+        raise ConfigError(
+            f"Invalid update={update!r} (loss.update): choose one of {', '.join(UPDATE_MODES)}."
+        )
     if mimicry not in MIMICRY_MODES:
         raise ConfigError(
-            f"Invalid loss.mimicry={mimicry!r}: choose one of {list(MIMICRY_MODES)}."
+            f"Invalid mimicry={mimicry!r} (loss.mimicry): choose one of "
+            f"{', '.join(MIMICRY_MODES)}."
         )
 
 

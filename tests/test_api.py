@@ -363,16 +363,18 @@ def test_invalid_settings_raise_value_error():
     students, optimizers = tiny_cohort()
     loader = tiny_loader()
     cases = [
-        ({"temperature": 0}, "loss.temperature=0"),
-        ({"mimicry_weight": -1.0}, "loss.mimicry_weight=-1.0"),
-        ({"update": "async"}, "loss.update='async'"),
-        ({"mimicry": "mean"}, "loss.mimicry='mean'"),
+        ({"temperature": 0}, r"temperature=0 \(loss.temperature\)"),
+        ({"mimicry_weight": -1.0}, r"mimicry_weight=-1.0 \(loss.mimicry_weight\)"),
+        ({"update": "async"}, r"update='async' \(loss.update\)"),
+        ({"mimicry": "mean"}, r"mimicry='mean' \(loss.mimicry\)"),
         ({"names": ["a", "a"]}, "names must be unique"),
         ({"names": ["a", "ensemble"]}, "'ensemble' is the name of"),
     ]
     for settings, message in cases:
         with pytest.raises(ValueError, match=message):
             DML(students, loader, loader, optimizers, device="cpu", **settings)
+    with pytest.raises(ValueError, match=r"Invalid device='banana': pass 'auto', 'cpu'"):
+        DML(students, loader, loader, optimizers, device="banana")
     with pytest.raises(ValueError, match="loader_train is a int"):
         DML(students, 3, loader, optimizers, device="cpu")
 

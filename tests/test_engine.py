@@ -213,11 +213,11 @@ def test_interrupted_epoch_resumes_exactly():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"temperature": 0.0}, "loss.temperature"),
-        ({"mimicry_weight": -1.0}, "loss.mimicry_weight"),
-        ({"update": "parallel"}, "loss.update"),
-        ({"mimicry": "mean"}, "loss.mimicry"),
-        ({"precision": "8"}, "trainer.precision"),
+        ({"temperature": 0.0}, r"temperature=0.0 \(loss.temperature\)"),
+        ({"mimicry_weight": -1.0}, r"mimicry_weight=-1.0 \(loss.mimicry_weight\)"),
+        ({"update": "parallel"}, r"update='parallel' \(loss.update\): choose one of simult"),
+        ({"mimicry": "mean"}, r"mimicry='mean' \(loss.mimicry\)"),
+        ({"precision": "8"}, r"precision='8' \(trainer.precision\): choose one of 32, bf16"),
     ],
 )
 def test_invalid_loss_settings_rejected(kwargs, message):
