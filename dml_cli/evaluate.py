@@ -10,9 +10,11 @@ written only once every step has succeeded.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +22,9 @@ from pathlib import Path
 import hydra
 import torch
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -42,6 +47,7 @@ from dml_cli.engine import PRECISIONS, predict_cohort
 from dml_cli.errors import CheckpointError, ConfigError, DMLError
 from dml_cli.metrics import CLASSIFICATION_METRIC_KEYS, cohort_metrics
 from dml_cli.models import build_student, count_parameters, use_channels_last
+from dml_cli.preflight import one_line
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +515,63 @@ def main() -> None:
             "loop.",
         )
         sys.exit(2)
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print_error("dml-eval", str(err))
+        sys.exit(2)
     _hydra_main()
+
+
+def check_command_line(args: list[str]) -> None:
+    """Compose the eval config from `args` as Hydra will, and raise ConfigError if that fails.
+
+    Without this check Hydra prints its own multi-line message and exits with code 1. Command
+    lines with a flag (--help, --cfg, ...) go to Hydra unchecked.
+    """
+    if any(arg.startswith("-") for arg in args):
+        return
+    with initialize_config_dir(version_base="1.3", config_dir=config_dir()):
+        try:
+            compose(config_name="eval", overrides=args)
+        except (HydraException, OmegaConfBaseException) as err:
+            unknown = re.match(r"Could not override '([^']+)'", str(err))
+            if unknown is None:
+                raise ConfigError(one_line(str(err))) from err
+            raise ConfigError(_unknown_key_message(unknown.group(1))) from err
+
+
+def _unknown_key_message(key: str) -> str:
+    """Name the unknown key, the nearest valid key if one is close, and every valid key."""
+    # Called inside initialize_config_dir, which compose needs.
+    cfg = compose(config_name="eval", return_hydra_config=True)
+    groups = {
+        group: GlobalHydra.instance().config_loader().get_group_options(group)
+        for group in cfg.hydra.runtime.choices
+        if not group.startswith("hydra")
+    }
+    keys = [
+        path
+        for path in _leaf_keys(OmegaConf.to_container(cfg, resolve=False), "")
+        if not path.startswith("hydra.") and path.split(".")[0] not in groups
+    ]
+    message = f"Invalid override: dml-eval has no key {key!r}"
+    close = difflib.get_close_matches(key, keys + list(groups), n=1)
+    if close:
+        message += f" (did you mean {close[0]}?)"
+    choices = [f"{group}={'|'.join(options)}" for group, options in groups.items()]
+    return f"{message}. Valid keys: {', '.join(keys + choices)}."
+
+
+def _leaf_keys(node: object, prefix: str) -> list[str]:
+    if not isinstance(node, dict):
+        return [prefix]
+    keys = []
+    for key, value in node.items():
+        keys += _leaf_keys(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
+    return keys
 
 
 def _first_line(err: BaseException) -> str:

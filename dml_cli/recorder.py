@@ -14,8 +14,8 @@ from dml_cli.checkpoints import (
     STUDENT_FORMAT,
     TRAIN_STATE_FORMAT,
     TRAIN_STATE_NAME,
-    atomic_torch_save,
     atomic_write_text,
+    save_checkpoint,
 )
 from dml_cli.engine import DMLTrainer, NonFiniteLossError, TrainingInterrupted
 from dml_cli.errors import DMLError
@@ -191,7 +191,7 @@ class RunRecorder:
             "val_acc": val_acc,
             "state_dict": state_dict,
         }
-        return atomic_torch_save(self.checkpoint_path(meta["name"], which), payload)
+        return save_checkpoint(self.checkpoint_path(meta["name"], which), payload)
 
     def save_train_state(self, trainer: DMLTrainer) -> Path:
         """Write everything a resume needs, loadable with weights_only, over the previous state.
@@ -208,7 +208,7 @@ class RunRecorder:
                 for name in trainer.names
             ],
         }
-        return atomic_torch_save(self.checkpoint_dir / TRAIN_STATE_NAME, payload)
+        return save_checkpoint(self.checkpoint_dir / TRAIN_STATE_NAME, payload)
 
 
 def _losses_finite(trainer: DMLTrainer) -> bool:

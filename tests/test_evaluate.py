@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import pickle
 import shutil
 import subprocess
 
@@ -19,7 +20,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from dml_cli.checkpoints import STUDENT_FORMAT
+from dml_cli.checkpoints import STUDENT_FORMAT, save_checkpoint
 from dml_cli.config import config_dir
 from dml_cli.data import load_dataset
 from dml_cli.errors import CheckpointError
@@ -257,7 +258,7 @@ def make_constant_student(run_dir, name, favoured_class):
     payload = torch.load(path, weights_only=True)
     payload["state_dict"]["classifier.5.weight"].zero_()
     payload["state_dict"]["classifier.5.bias"].copy_(constant_logits(favoured_class))
-    torch.save(payload, path)
+    save_checkpoint(path, payload)
 
 
 def test_hand_built_cohort_metrics(run_copy):
@@ -390,12 +391,24 @@ def test_truncated_checkpoint_named(run_copy, eval_cfg, capsys, monkeypatch):
     assert_rejected(capsys, monkeypatch, cfg, run_copy, "truncated or corrupt", path)
 
 
+def test_flipped_weight_bytes_rejected(
+    run_copy, eval_cfg, capsys, monkeypatch, corrupt_tensor_data
+):
+    path = run_copy / "checkpoints" / "student_0_best.pt"
+    corrupt_tensor_data(path)
+    cfg = cfg_for(eval_cfg, run_dir=str(run_copy))
+
+    assert_rejected(
+        capsys, monkeypatch, cfg, run_copy, f"Checkpoint {path} is corrupt", "does not match"
+    )
+
+
 def test_other_arch_weights_rejected(run_copy, eval_cfg, capsys, monkeypatch):
     path = run_copy / "checkpoints" / "student_0_best.pt"
     payload = torch.load(path, weights_only=True)
     resnet = build_student("resnet20", in_channels=1, image_size=8, num_classes=10)
     payload["state_dict"] = resnet.state_dict()
-    torch.save(payload, path)
+    save_checkpoint(path, payload)
     cfg = cfg_for(eval_cfg, run_dir=str(run_copy))
 
     assert_rejected(
@@ -472,6 +485,52 @@ def test_cli_rejects_code_in_checkpoint(run_copy, tmp_path):
     assert str(path) in result.stderr
     assert not marker.exists()
     assert not (run_copy / "eval").exists()
+
+
+class RunsShellCommand:
+    """A pickled object that runs a shell command when a full unpickler rebuilds it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cli_rejects_raw_pickle_quietly(run_copy, tmp_path):
+    path = run_copy / "checkpoints" / "student_1_best.pt"
+    marker = tmp_path / "marker"
+    with open(path, "wb") as file:
+        pickle.dump(RunsShellCommand(marker), file, protocol=4)
+
+    result = run_cli(DML_EVAL, [f"run_dir={run_copy}", "device=cpu"], tmp_path)
+
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"dml-eval: error: Rejected checkpoint {path}: ")
+    assert "not a PyTorch checkpoint" in result.stderr
+    assert not marker.exists()
+    assert not (run_copy / "eval").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("chekpoint=last", ["no key 'chekpoint'", "did you mean checkpoint?", "Valid keys:"]),
+        ("foo=1", ["no key 'foo'", "run_dir, checkpoint, split", "device=auto|cpu|cuda"]),
+        ("device=banana", ["device/banana", "auto, cpu, cuda"]),
+    ],
+)
+def test_cli_composition_error_one_line(run_copy, tmp_path, override, fragments):
+    result = run_cli(DML_EVAL, [f"run_dir={run_copy}", override], tmp_path)
+
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("dml-eval: error: ")
+    for fragment in fragments:
+        assert fragment in result.stderr
+    assert not (run_copy / "eval").exists()
+    assert list(tmp_path.iterdir()) == [run_copy]
 
 
 @pytest.mark.parametrize(

@@ -324,6 +324,18 @@ def test_crafted_checkpoint_is_rejected(tmp_path):
     assert "\n" not in str(error.value)
 
 
+def test_corrupt_train_state_stops_resume(tmp_path, corrupt_tensor_data):
+    run_dir = tmp_path / "run"
+    start_run(run_dir, ["trainer.epochs=1"])
+    path = run_dir / "checkpoints" / "train_state.pt"
+    corrupt_tensor_data(path)
+
+    with pytest.raises(CheckpointError, match="does not match the digest") as error:
+        prepare_resume(run_dir, compose_cfg([f"resume={run_dir}"]), [f"resume={run_dir}"])
+
+    assert f"Checkpoint {path} is corrupt" in str(error.value)
+
+
 def test_resume_rejects_foreign_target(tmp_path):
     assert DML_TRAIN is not None, "dml-train is not installed"
     marker = tmp_path / "marker"
