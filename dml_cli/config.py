@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dml_cli.build import DEVICE_TYPES, check_targets, student_specs
 from dml_cli.dataset_config import _val_count, check_dataset_config
@@ -190,6 +190,45 @@ def validate_config(cfg: DictConfig) -> None:
     check_val_size(cfg.dataset)
     check_targets(cfg.optimizer, "optimizer")
     check_targets(cfg.scheduler, "scheduler")
+    check_scheduler(cfg.scheduler)
+
+
+def check_scheduler(scheduler_cfg: DictConfig) -> None:
+    """Raise ConfigError for a scheduler setting that torch rejects or that fails mid-run.
+
+    StepLR divides by step_size and CosineAnnealingLR by T_max when they step, after the first
+    epoch, so a zero would otherwise stop the run with ZeroDivisionError.
+    """
+    if scheduler_cfg.get("_target_") is None:
+        return
+    for key in ("step_size", "T_max"):
+        if key in scheduler_cfg:
+            _int(scheduler_cfg, f"scheduler.{key}", scheduler_cfg[key], minimum=1)
+    if "milestones" in scheduler_cfg:
+        milestones = scheduler_cfg.milestones
+        values = list(milestones) if isinstance(milestones, ListConfig | list) else [milestones]
+        valid = isinstance(milestones, ListConfig | list) and all(
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            for value in values
+        )
+        if not valid:
+            raise ConfigError(
+                f"Invalid scheduler.milestones={milestones}: it must be a list of epochs, "
+                "integers >= 1, such as [30,60]."
+            )
+    if "gamma" in scheduler_cfg:
+        gamma = _number(scheduler_cfg.gamma, "scheduler.gamma")
+        if not (math.isfinite(gamma) and gamma > 0):
+            raise ConfigError(
+                f"Invalid scheduler.gamma={scheduler_cfg.gamma}: it must be a finite number > 0."
+            )
+    if "eta_min" in scheduler_cfg:
+        eta_min = _number(scheduler_cfg.eta_min, "scheduler.eta_min")
+        if not (math.isfinite(eta_min) and eta_min >= 0):
+            raise ConfigError(
+                f"Invalid scheduler.eta_min={scheduler_cfg.eta_min}: it must be a finite "
+                "number >= 0."
+            )
 
 
 def check_val_size(dataset_cfg: DictConfig) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,12 +16,14 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dml_cli.build import resolve_device
 from dml_cli.config import config_dir, validate_config
 from dml_cli.dry_build import check_cohort_build
 from dml_cli.errors import CheckpointError, ConfigError, DMLError
+from dml_cli.resume import check_not_finished, load_saved_config, load_train_state, target_epochs
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,11 @@ BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 MAX_CHECKED_JOBS = 256
 # Subfolders of a run folder that a resumed run writes into, next to the folder itself.
 RESUME_WRITTEN_DIRS = ("checkpoints", "plots")
+# Hydra's message for an override of a key that the composed config does not have.
+MISSING_KEY_PATTERN = re.compile(r"Could not override '([^']+)'")
+# A key this similar to the unknown one (difflib's ratio) is offered as its spelling. At 0.8,
+# trainer.epoch suggests epochs but cohort.students.0.arch_args, a real new key, suggests nothing.
+CLOSE_KEY_CUTOFF = 0.8
 
 
 def check_command_line(args: list[str]) -> None:
@@ -55,6 +64,7 @@ def check_single_run(overrides: list[str]) -> None:
         cfg = _compose(overrides)
     check_job_config(cfg)
     if cfg.resume is None:
+        check_run_dir_unused(str(cfg.hydra.run.dir))
         check_folder_creatable(str(cfg.hydra.run.dir), "hydra.run.dir")
 
 
@@ -159,9 +169,12 @@ def check_job_config(cfg: DictConfig) -> None:
     """Raise ConfigError or CheckpointError for the first problem of one job's composed config."""
     try:
         if cfg.resume is not None:
-            check_resume_folder(Path(str(cfg.resume)).expanduser().absolute())
+            run_dir = Path(str(cfg.resume)).expanduser().absolute()
+            check_resume_folder(run_dir)
+            check_resumed_run(cfg, run_dir)
             return
         validate_config(cfg)
+        resolve_device(cfg.device.type)
         check_cohort_build(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(one_line(str(err))) from err
@@ -186,6 +199,43 @@ def check_resume_folder(run_dir: Path) -> None:
             )
 
 
+def check_resumed_run(cfg: DictConfig, run_dir: Path) -> None:
+    """Raise DMLError when the resumed run has no device to run on or has nothing left to train.
+
+    The resumed run keeps its saved device and epoch count unless the command line sets them.
+    """
+    task_overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []
+    overridden = {str(line).split("=", 1)[0].lstrip("+~") for line in task_overrides}
+    saved = load_saved_config(run_dir)
+    if overridden & {"device", "device.type"}:
+        device_type = cfg.device.type
+    else:
+        device_type = OmegaConf.select(saved, "device.type", default=None)
+    if device_type is not None:
+        resolve_device(str(device_type))
+
+    # Only a run with a summary.json can have finished, so other runs skip loading the state.
+    if not (run_dir / "summary.json").is_file():
+        return
+    saved_epochs = OmegaConf.select(saved, "trainer.epochs", default=None)
+    if not isinstance(saved_epochs, int):
+        return
+    state = load_train_state(run_dir)
+    requested = cfg.trainer.epochs if "trainer.epochs" in overridden else None
+    check_not_finished(run_dir, state, target_epochs(saved, state, requested))
+
+
+def check_run_dir_unused(folder: str) -> None:
+    """Raise ConfigError when `folder`, the run dir of a new run, already contains a run."""
+    path = Path(os.path.abspath(folder))
+    if (path / ".hydra" / "config.yaml").is_file() or (path / "checkpoints").is_dir():
+        raise ConfigError(
+            f"Invalid hydra.run.dir={folder}: {path} already contains a dml-train run, which "
+            f"this run would overwrite. Resume it with resume={path}, or choose another "
+            "hydra.run.dir."
+        )
+
+
 def check_folder_creatable(folder: str, key: str) -> None:
     """Raise ConfigError unless Hydra can create the folder `key` names, or write in it.
 
@@ -208,8 +258,12 @@ def check_folder_creatable(folder: str, key: str) -> None:
         raise ConfigError(f"Cannot create {key}={folder}: {existing} is not writable. {fix}.")
 
 
-def one_line(message: str) -> str:
-    """Fold Hydra's multi-line composition error into one sentence with the valid options."""
+def one_line(message: str, close_key: str | None = None) -> str:
+    """Fold Hydra's multi-line composition error into one sentence with the valid options.
+
+    `close_key`, an existing key spelt like the one Hydra could not override, replaces the
+    advice to add that key with a leading +.
+    """
     lines = []
     for line in message.splitlines():
         line = line.strip()
@@ -221,6 +275,8 @@ def one_line(message: str) -> str:
                 "Check the key's spelling (dml-train --cfg job prints every key), or add the "
                 f"new key with a leading +: {addition}"
             )
+            if close_key is not None:
+                line = f"Did you mean {close_key}?"
         if line:
             lines.append(line)
     if not lines:
@@ -238,7 +294,32 @@ def _compose(overrides: list[str]) -> DictConfig:
     try:
         return compose(config_name="train", overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(one_line(str(err))) from err
+        raise ConfigError(one_line(str(err), _close_key(str(err), overrides))) from err
+
+
+def _close_key(message: str, overrides: list[str]) -> str | None:
+    """Return the existing key spelt most like the key Hydra could not override, if one is close.
+
+    The keys come from the same parent node of the config composed without that override.
+    """
+    match = MISSING_KEY_PATTERN.search(message)
+    if match is None:
+        return None
+    key = match.group(1)
+    parent, _, leaf = key.rpartition(".")
+    others = [line for line in overrides if line.split("=", 1)[0].lstrip("+~") != key]
+    try:
+        cfg = compose(config_name="train", overrides=others, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException):
+        return None
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    if not isinstance(node, DictConfig):
+        return None
+    keys = [str(name) for name in node.keys()]
+    matches = difflib.get_close_matches(leaf, keys, n=1, cutoff=CLOSE_KEY_CUTOFF)
+    if not matches:
+        return None
+    return f"{parent}.{matches[0]}" if parent else matches[0]
 
 
 def _parse(parser: OverridesParser, overrides: list[str]) -> list[Override]:

@@ -11,6 +11,7 @@ override is rejected unless it repeats the saved value.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shlex
@@ -89,20 +90,69 @@ def prepare_resume(
     """
     run_dir = Path(to_absolute_path(os.path.expanduser(str(resume))))
     saved = load_saved_config(run_dir)
-    state = load_checkpoint(train_state_path(run_dir), TRAIN_STATE_FORMAT)
-    if not isinstance(state.get("trainer"), dict) or "epoch" not in state["trainer"]:
-        raise CheckpointError(
-            f"Checkpoint {train_state_path(run_dir)} contains no trainer state: it was not "
-            "written by dml-train."
-        )
+    state = load_train_state(run_dir)
     try:
         cfg = resume_config(saved, current, overrides, state)
     except OmegaConfBaseException as err:
         raise CheckpointError(
             f"Cannot resume from {saved_config_path(run_dir)}: {_first_line(err)}."
         ) from err
+    check_not_finished(run_dir, state, cfg.trainer.epochs)
     cfg.resume = str(run_dir)
     return run_dir, cfg, state
+
+
+def load_train_state(run_dir: Path | str) -> dict:
+    """Load a run's `checkpoints/train_state.pt`, raising CheckpointError for a foreign file."""
+    state = load_checkpoint(train_state_path(run_dir), TRAIN_STATE_FORMAT)
+    if not isinstance(state.get("trainer"), dict) or "epoch" not in state["trainer"]:
+        raise CheckpointError(
+            f"Checkpoint {train_state_path(run_dir)} contains no trainer state: it was not "
+            "written by dml-train."
+        )
+    return state
+
+
+def target_epochs(saved: DictConfig, state: dict, requested: object = None) -> int:
+    """Return the epoch count a resume trains to: `requested` if it is an int, else the saved."""
+    if isinstance(requested, int) and not isinstance(requested, bool):
+        return requested
+    return _saved_target_epochs(saved, state)
+
+
+def check_not_finished(run_dir: Path | str, state: dict, epochs: int) -> None:
+    """Raise ConfigError when the run already trained `epochs` epochs and wrote its summary.
+
+    A run stopped by a signal during its last validation saves a state at its final epoch but
+    writes no summary.json, so it still resumes, to write its plots and summary.
+    """
+    done = finished_epochs(run_dir, state)
+    if done is not None and done >= epochs:
+        raise ConfigError(
+            f"Cannot resume {run_dir}: the run already finished its {done} "
+            f"epoch{'' if done == 1 else 's'}. To train on, pass resume={run_dir} "
+            f"trainer.epochs=M with M > {done}."
+        )
+
+
+def finished_epochs(run_dir: Path | str, state: dict) -> int | None:
+    """Return the epoch count of a finished run, or None when the run has not finished.
+
+    A run has finished when its summary.json was written at the epoch of its training state.
+    The summary of an earlier finish, before a resume raised trainer.epochs, has a lower count.
+    """
+    trainer_state = state["trainer"]
+    epoch_state = trainer_state.get("epoch_state")
+    if isinstance(epoch_state, dict) and epoch_state.get("batches_done"):
+        return None
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    epoch = int(trainer_state["epoch"])
+    if not isinstance(summary, dict) or summary.get("epochs") != epoch:
+        return None
+    return epoch
 
 
 def resume_config(

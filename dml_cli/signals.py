@@ -60,9 +60,10 @@ def stop_on_signals(trainer: DMLTrainer) -> Iterator[None]:
         name = signal_name(signal_number)
         if trainer.stop_signal is None:
             trainer.stop_signal = signal_number
+            again = "Press Ctrl-C" if signal_number == signal.SIGINT else f"Send {name}"
             log.warning(
                 f"Received {name}: stopping after the current step to save the training state. "
-                "Press Ctrl-C again to stop at once."
+                f"{again} again to stop at once."
             )
             return
         raise TrainingAborted(signal_number)

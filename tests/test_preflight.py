@@ -10,6 +10,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
@@ -307,4 +308,71 @@ def test_missing_key_suggests_plus_override(workdir):
     assert "\n" not in message
     assert "Could not override 'cohort.students.0.arch_args'" in message
     assert message.endswith("with a leading +: +cohort.students.0.arch_args={width: 3}")
+    assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("marker", [".hydra/config.yaml", "checkpoints/"])
+def test_used_run_dir_rejected(workdir, marker):
+    run_dir = workdir / "outputs" / "rc"
+    if marker == "checkpoints/":
+        (run_dir / "checkpoints").mkdir(parents=True)
+    else:
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    before = sorted(path.relative_to(workdir) for path in workdir.rglob("*"))
+
+    message = error_of(["dataset=digits", "trainer.epochs=1", "hydra.run.dir=outputs/rc"])
+
+    assert message.startswith("Invalid hydra.run.dir=outputs/rc: ")
+    assert f"{run_dir} already contains a dml-train run" in message
+    assert f"resume={run_dir}" in message
+    assert "choose another hydra.run.dir" in message
+    assert sorted(path.relative_to(workdir) for path in workdir.rglob("*")) == before
+
+
+def test_empty_existing_run_dir_accepted(workdir):
+    (workdir / "outputs" / "empty").mkdir(parents=True)
+
+    check_command_line(["dataset=digits", "trainer.epochs=1", "hydra.run.dir=outputs/empty"])
+
+
+def test_missing_cuda_rejected_before_start(workdir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    single = error_of(["dataset=digits", "device=cuda", "hydra.run.dir=run"])
+    sweep = error_of(["-m", "dataset=digits", "device=cuda", "seed=1,2"])
+
+    assert single.startswith("device=cuda was requested but CUDA is not available")
+    assert single.endswith("use device=cpu or device=auto.")
+    assert sweep.startswith("Sweep job dataset=digits device=cuda seed=1 is invalid")
+    assert sweep.endswith("use device=cpu or device=auto.")
+    assert list(workdir.iterdir()) == []
+
+
+def test_resume_on_missing_cuda_rejected(workdir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run_dir = workdir / "run"
+    make_run_folder(run_dir)
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\ndevice:\n  type: cuda\n")
+
+    saved = error_of([f"resume={run_dir}"])
+    overridden = error_of([f"resume={run_dir}", "device=cuda"])
+    check_command_line([f"resume={run_dir}", "device=cpu"])
+
+    assert saved.startswith("device=cuda was requested but CUDA is not available")
+    assert overridden.startswith("device=cuda was requested but CUDA is not available")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainer.epoch=3", "Could not override 'trainer.epoch'. Did you mean trainer.epochs?"),
+        ("sed=2", "Could not override 'sed'. Did you mean seed?"),
+        ("datset=mnist", "Could not override 'datset'. Did you mean dataset?"),
+    ],
+)
+def test_misspelt_key_suggests_close_key(workdir, override, expected):
+    message = error_of(["dataset=digits", override])
+
+    assert message == expected
     assert list(workdir.iterdir()) == []

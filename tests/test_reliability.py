@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+import types
 
 import pytest
 import torch
@@ -27,11 +28,12 @@ from dml_cli.checkpoints import (
     load_checkpoint,
 )
 from dml_cli.config import config_dir
-from dml_cli.engine import NonFiniteLossError, TrainingInterrupted
+from dml_cli.engine import DMLTrainer, NonFiniteLossError, TrainingInterrupted
 from dml_cli.errors import CheckpointError, ConfigError, DMLError
+from dml_cli.preflight import check_command_line
 from dml_cli.recorder import RunRecorder
 from dml_cli.resume import prepare_resume, resume_config
-from dml_cli.signals import TrainingAborted
+from dml_cli.signals import TrainingAborted, stop_on_signals
 
 DML_TRAIN = shutil.which("dml-train")
 STUDENTS = ("student_0", "student_1")
@@ -359,7 +361,8 @@ def test_resume_rejects_foreign_target(tmp_path):
     assert len(lines) == 1, result.stderr
     assert "optimizer._target_='builtins.open'" in lines[0]
     assert not marker.exists()
-    assert sorted(path.name for path in run_dir.iterdir()) == [".hydra", "train.log"]
+    # Preflight reads the saved config before Hydra starts, so no job log is written either.
+    assert sorted(path.name for path in run_dir.iterdir()) == [".hydra"]
 
 
 def test_resume_of_missing_run_leaves_nothing(tmp_path):
@@ -493,6 +496,85 @@ def test_non_finite_loss_stops_run(tmp_path, monkeypatch):
     assert last["epoch"] == 1
 
 
+AGAIN_ADVICE = {
+    "SIGINT": "Press Ctrl-C again to stop at once.",
+    "SIGTERM": "Send SIGTERM again to stop at once.",
+}
+
+
+@pytest.mark.parametrize("signal_number", sorted(AGAIN_ADVICE))
+def test_stop_message_fits_signal(signal_number, caplog):
+    trainer = types.SimpleNamespace(stop_signal=None)
+    number = getattr(signal, signal_number)
+
+    with stop_on_signals(trainer):
+        signal.getsignal(number)(number, None)
+
+    assert trainer.stop_signal == number
+    assert f"Received {signal_number}: stopping after the current step" in caplog.text
+    assert AGAIN_ADVICE[signal_number] in caplog.text
+    for other, advice in AGAIN_ADVICE.items():
+        if other != signal_number:
+            assert advice not in caplog.text
+
+
+def run_files(run_dir):
+    """Map each file of `run_dir` to its size and modification time."""
+    return {
+        path.relative_to(run_dir): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in run_dir.rglob("*")
+        if path.is_file()
+    }
+
+
+def test_resume_of_finished_run_rejected(tmp_path):
+    run_dir = tmp_path / "run"
+    start_run(run_dir, ["trainer.epochs=1"])
+    before = run_files(run_dir)
+
+    with pytest.raises(ConfigError) as preflight_error:
+        check_command_line([f"resume={run_dir}"])
+    with pytest.raises(ConfigError) as resume_error:
+        resume_run(run_dir)
+    with pytest.raises(ConfigError):
+        check_command_line([f"resume={run_dir}", "trainer.epochs=1"])
+    check_command_line([f"resume={run_dir}", "trainer.epochs=2"])
+
+    message = str(preflight_error.value)
+    assert message == (
+        f"Cannot resume {run_dir}: the run already finished its 1 epoch. To train on, pass "
+        f"resume={run_dir} trainer.epochs=M with M > 1."
+    )
+    assert str(resume_error.value) == message
+    assert run_files(run_dir) == before
+
+
+def test_signal_in_last_validation_resumes(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    evaluate = DMLTrainer.evaluate
+
+    def evaluate_then_signal(self, loader):
+        if self.epoch == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, loader)
+
+    monkeypatch.setattr(DMLTrainer, "evaluate", evaluate_then_signal)
+    with pytest.raises(TrainingInterrupted):
+        start_run(run_dir, ["trainer.epochs=2"])
+    monkeypatch.undo()
+    state = load_checkpoint(run_dir / "checkpoints" / "train_state.pt", TRAIN_STATE_FORMAT)
+
+    assert state["trainer"]["epoch"] == 2
+    assert not (run_dir / "summary.json").exists()
+    check_command_line([f"resume={run_dir}"])
+    summary = resume_run(run_dir)
+    assert summary["epochs"] == 2
+    assert (run_dir / "summary.json").is_file()
+    assert (run_dir / "plots" / "curves.png").is_file()
+    with pytest.raises(ConfigError):
+        check_command_line([f"resume={run_dir}"])
+
+
 @pytest.mark.parametrize(("signal_number", "expected_code"), [("SIGINT", 130), ("SIGTERM", 143)])
 def test_real_signal_leaves_resumable_run(tmp_path, signal_number, expected_code):
     assert DML_TRAIN is not None, "dml-train is not installed"
@@ -516,6 +598,7 @@ def test_real_signal_leaves_resumable_run(tmp_path, signal_number, expected_code
 
     assert returncode == expected_code, output
     assert "Traceback" not in output
+    assert AGAIN_ADVICE[signal_number] in output
     assert f"Resume with: dml-train resume={run_dir}" in output
     state = load_checkpoint(run_dir / "checkpoints" / "train_state.pt", TRAIN_STATE_FORMAT)
     assert state["trainer"]["step"] > 0

@@ -48,6 +48,37 @@ INVALID = {
         ["loss.update='parallel'", "simultaneous", "sequential"],
     ),
     "unknown_mimicry": (["loss.mimicry=mean"], ["loss.mimicry='mean'", "pairwise", "ensemble"]),
+    "zero_step_size": (
+        ["scheduler=step", "scheduler.step_size=0"],
+        ["scheduler.step_size=0", ">= 1"],
+    ),
+    "negative_step_size": (
+        ["scheduler=step", "scheduler.step_size=-3"],
+        ["scheduler.step_size=-3", ">= 1"],
+    ),
+    "float_step_size": (
+        ["scheduler=step", "scheduler.step_size=1.5"],
+        ["scheduler.step_size=1.5", "integer"],
+    ),
+    "zero_t_max": (["scheduler=cosine", "scheduler.T_max=0"], ["scheduler.T_max=0", ">= 1"]),
+    "zero_gamma": (["scheduler=step", "scheduler.gamma=0"], ["scheduler.gamma=0", "> 0"]),
+    "negative_gamma": (
+        ["scheduler=step", "scheduler.gamma=-0.1"],
+        ["scheduler.gamma=-0.1", "> 0"],
+    ),
+    "negative_eta_min": (
+        ["scheduler=cosine", "scheduler.eta_min=-0.01"],
+        ["scheduler.eta_min=-0.01", ">= 0"],
+    ),
+    "zero_milestone": (
+        [
+            "scheduler=step",
+            "scheduler._target_=torch.optim.lr_scheduler.MultiStepLR",
+            "~scheduler.step_size",
+            "+scheduler.milestones=[0,2]",
+        ],
+        ["scheduler.milestones=[0, 2]", "integers >= 1"],
+    ),
 }
 # These cases also run through the real console script, started all at once because each start
 # costs seconds of imports. tests/test_cli.py runs the other cases through it.
