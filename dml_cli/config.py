@@ -166,6 +166,7 @@ def validate_config(cfg: DictConfig) -> None:
         _number(loss.mimicry_weight, "loss.mimicry_weight"),
         loss["update"],
         loss["mimicry"],
+        config_keys=True,
     )
 
     trainer = cfg.trainer

@@ -515,28 +515,36 @@ def check_cohort_arguments(students, optimizers, schedulers, names) -> None:
         raise ValueError(f"Student names must be unique, got {list(names)}.")
 
 
-def check_loss_arguments(temperature, mimicry_weight, update, mimicry) -> None:
+def check_loss_arguments(
+    temperature, mimicry_weight, update, mimicry, *, config_keys: bool = False
+) -> None:
     """Raise ConfigError for loss settings outside their valid range.
 
-    Each message names the argument and, in parentheses, its dml-train config key.
+    Each message names the config key (loss.temperature=...) when `config_keys` is true, as
+    dml-train's config check wants, and otherwise the argument, with its config key in
+    parentheses.
     """
+
+    def name(key: str, value: object) -> str:
+        if config_keys:
+            return f"loss.{key}={value!r}"
+        return f"{key}={value!r} (loss.{key})"
+
     if not (math.isfinite(temperature) and temperature > 0):
         raise ConfigError(
-            f"Invalid temperature={temperature} (loss.temperature): it must be finite and > 0."
+            f"Invalid {name('temperature', temperature)}: it must be finite and > 0."
         )
     if not (math.isfinite(mimicry_weight) and mimicry_weight >= 0):
         raise ConfigError(
-            f"Invalid mimicry_weight={mimicry_weight} (loss.mimicry_weight): it must be finite "
-            "and >= 0."
+            f"Invalid {name('mimicry_weight', mimicry_weight)}: it must be finite and >= 0."
         )
     if update not in UPDATE_MODES:
         raise ConfigError(
-            f"Invalid update={update!r} (loss.update): choose one of {', '.join(UPDATE_MODES)}."
+            f"Invalid {name('update', update)}: choose one of {', '.join(UPDATE_MODES)}."
         )
     if mimicry not in MIMICRY_MODES:
         raise ConfigError(
-            f"Invalid mimicry={mimicry!r} (loss.mimicry): choose one of "
-            f"{', '.join(MIMICRY_MODES)}."
+            f"Invalid {name('mimicry', mimicry)}: choose one of {', '.join(MIMICRY_MODES)}."
         )
 
 
