@@ -315,3 +315,22 @@ def test_benchmark_summary_and_target_verdicts():
     assert summary["lenet3_b32"]["paired"] == {"time_ratio": 1.1, "min": 1.0, "max": 1.2}
     assert lines[0] == "met: dml is 7.00x the reference at batch 32 (target >= 7x)"
     assert "independent students are 7.17x the reference" in lines[1]
+
+
+def test_step_variants_prints_each_variant(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "step_variants", BENCHMARKS_DIR / "step_variants.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--batch-size", "4", "--steps", "2", "--repeats", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("3 LeNet-5, batch 4, 1 threads, 2 steps x 1 repeats")
+    assert [line.split()[0] for line in lines[1:]] == ["loop", "vmap", "threads"]
+    assert lines[1].endswith("1.00x the loop's time")
