@@ -78,13 +78,11 @@ def make_students() -> list[torch.nn.Module]:
     return students
 
 
-def loop_step(images, labels):
-    students = make_students()
-    parameters = [parameter for student in students for parameter in student.parameters()]
-    optimizer = torch.optim.SGD(parameters, fused=True, **SGD_SETTINGS)
+def cross_entropy_step(cohort_logits, optimizer: torch.optim.Optimizer):
+    """Return a step: logits of every student, their summed cross-entropy, one update."""
 
-    def step():
-        logits = torch.stack([student(images) for student in students])
+    def step(images, labels):
+        logits = cohort_logits(images)
         loss = sum(F.cross_entropy(student_logits, labels) for student_logits in logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -93,7 +91,18 @@ def loop_step(images, labels):
     return step
 
 
-def vmap_step(images, labels):
+def loop_step():
+    students = make_students()
+    parameters = [parameter for student in students for parameter in student.parameters()]
+    optimizer = torch.optim.SGD(parameters, fused=True, **SGD_SETTINGS)
+
+    def cohort_logits(images):
+        return torch.stack([student(images) for student in students])
+
+    return cross_entropy_step(cohort_logits, optimizer)
+
+
+def vmap_step():
     students = make_students()
     params, buffers = stack_module_state(students)
     params = {key: value.detach().requires_grad_() for key, value in params.items()}
@@ -104,43 +113,37 @@ def vmap_step(images, labels):
         return functional_call(skeleton, (student_params, student_buffers), (batch,))
 
     cohort = vmap(one_student, in_dims=(0, 0, None))
-
-    def step():
-        logits = cohort(params, buffers, images)
-        loss = sum(F.cross_entropy(student_logits, labels) for student_logits in logits)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    return cross_entropy_step(lambda images: cohort(params, buffers, images), optimizer)
 
 
-def threads_step(images, labels):
+def threads_step():
     students = make_students()
     optimizers = [
         torch.optim.SGD(student.parameters(), fused=True, **SGD_SETTINGS) for student in students
     ]
     pool = ThreadPoolExecutor(COHORT_SIZE)
 
-    def train_one(index):
+    def train_one(index, images, labels):
         torch.set_num_threads(1)
         optimizers[index].zero_grad(set_to_none=True)
         F.cross_entropy(students[index](images), labels).backward()
         optimizers[index].step()
 
-    def step():
-        list(pool.map(train_one, range(COHORT_SIZE)))
+    def step(images, labels):
+        futures = [pool.submit(train_one, index, images, labels) for index in range(COHORT_SIZE)]
+        for future in futures:
+            future.result()
 
     return step
 
 
-def time_steps(step, steps: int) -> float:
+def time_steps(step, images, labels, steps: int) -> float:
     """Return the mean seconds per step over `steps` steps, after WARMUP_STEPS untimed ones."""
     for _ in range(WARMUP_STEPS):
-        step()
+        step(images, labels)
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        step(images, labels)
     return (time.perf_counter() - start) / steps
 
 
@@ -181,13 +184,13 @@ def main(argv: list[str] | None = None) -> None:
     images = torch.randn(args.batch_size, 1, 28, 28)
     labels = torch.randint(0, 10, (args.batch_size,))
     variants = {"loop": loop_step, "vmap": vmap_step, "threads": threads_step}
-    steps = {name: build(images, labels) for name, build in variants.items()}
+    steps = {name: build() for name, build in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, step in steps.items():
             # The thread variant's workers set one intra-op thread, so reset the count.
             torch.set_num_threads(args.threads)
-            times[name].append(time_steps(step, args.steps))
+            times[name].append(time_steps(step, images, labels, args.steps))
 
     print(
         f"{COHORT_SIZE} LeNet-5, batch {args.batch_size}, {args.threads} threads, "

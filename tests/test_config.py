@@ -160,7 +160,7 @@ def test_per_student_optimizer_overrides_apply():
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
-def test_shipped_optimizers_are_fused_and_match_the_for_loop(optimizer):
+def test_shipped_optimizers_fused_match_for_loop(optimizer):
     cfg = compose_train([f"optimizer={optimizer}", "cohort=two_lenets"])
     specs = student_specs(cfg.cohort, seed=0)
     students = build_students(specs, in_channels=1, image_size=28, num_classes=10)
