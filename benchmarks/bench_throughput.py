@@ -19,7 +19,7 @@ in a rotating order. Each run times its steps in NUM_CHUNKS chunks and takes the
 images per second; the table reports the median of that over the repeats.
 
     python benchmarks/bench_throughput.py               # all cases, 5 repeats
-    python benchmarks/bench_throughput.py --quick       # a smoke run, 70 s on 2 CPU cores
+    python benchmarks/bench_throughput.py --quick       # a smoke run, about 85 s on 2 CPU cores
     python benchmarks/bench_throughput.py --device cuda --precision bf16
 """
 
