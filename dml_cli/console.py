@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+
+from dml_cli.errors import DMLError
 
 _console = Console()
 
@@ -36,6 +40,20 @@ def print_error(program: str, message: str) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+def check_or_exit(program: str, check: Callable[[list[str]], None], args: list[str]) -> None:
+    """Run `check(args)`, and on a DMLError print it as one line and exit with status 2.
+
+    With HYDRA_FULL_ERROR=1 the error propagates with its traceback instead.
+    """
+    try:
+        check(args)
+    except DMLError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print_error(program, str(err))
+        sys.exit(2)
 
 
 def print_training_summary(summary: dict) -> None:

@@ -41,7 +41,7 @@ from dml_cli.checkpoints import (
     load_checkpoint,
 )
 from dml_cli.config import config_dir
-from dml_cli.console import console, print_error
+from dml_cli.console import check_or_exit, console, print_error
 from dml_cli.data import DataSplits, load_dataset
 from dml_cli.engine import PRECISIONS, predict_cohort
 from dml_cli.errors import CheckpointError, ConfigError, DMLError
@@ -515,13 +515,7 @@ def main() -> None:
             "loop.",
         )
         sys.exit(2)
-    try:
-        check_command_line(sys.argv[1:])
-    except ConfigError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print_error("dml-eval", str(err))
-        sys.exit(2)
+    check_or_exit("dml-eval", check_command_line, sys.argv[1:])
     _hydra_main()
 
 

@@ -269,14 +269,14 @@ def one_line(message: str, close_key: str | None = None) -> str:
         line = line.strip()
         if line.startswith("Config search path"):
             break
-        if line.startswith("To append to your config use +"):
+        if line.startswith("To append to your config use +") and close_key is not None:
+            line = f"Did you mean {close_key}?"
+        elif line.startswith("To append to your config use +"):
             addition = line.removeprefix("To append to your config use ")
             line = (
                 "Check the key's spelling (dml-train --cfg job prints every key), or add the "
                 f"new key with a leading +: {addition}"
             )
-            if close_key is not None:
-                line = f"Did you mean {close_key}?"
         if line:
             lines.append(line)
     if not lines:

@@ -29,7 +29,7 @@ from dml_cli.build import (
 )
 from dml_cli.checkpoints import atomic_write_json
 from dml_cli.config import NEW_RESUME_DIRS, config_dir, validate_config
-from dml_cli.console import print_error, print_training_summary
+from dml_cli.console import check_or_exit, print_error, print_training_summary
 from dml_cli.data import DataSplits, load_dataset
 from dml_cli.engine import DMLTrainer, TrainingInterrupted
 from dml_cli.errors import CheckpointError, DMLError
@@ -333,13 +333,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console entry point of `dml-train`."""
-    try:
-        check_command_line(sys.argv[1:])
-    except DMLError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print_error("dml-train", str(err))
-        sys.exit(2)
+    check_or_exit("dml-train", check_command_line, sys.argv[1:])
     _hydra_main()
     # Jobs run by the default launcher record failures here; jobs in other processes (joblib,
     # Slurm) are found by the sweep report.
